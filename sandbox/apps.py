@@ -155,7 +155,7 @@ def probe(args: argparse.Namespace) -> None:
         if not data:
             res["error"] = "closed"
     except OSError as exc:
-        res = {"ok": False, "error": type(exc).__name__, "errno": exc.errno}
+        res = {"ok": False, "error": exc.strerror or type(exc).__name__, "errno": exc.errno}
     finally:
         s.close()
     res["seconds"] = round(time.monotonic() - t0, 4)
