@@ -1,0 +1,275 @@
+"""End to end on the real kernel: the eBPF redirect, the node proxy and the
+agent's view of them, in a sandbox node (root)."""
+
+from __future__ import annotations
+
+import collections
+import subprocess
+import time
+
+import pytest
+
+from sandbox.scenario import ECHO_PORT, ECHO_VIP, WEB_PORT, WEB_TARGET, WEB_VIP, Scenario
+
+pytestmark = pytest.mark.root
+WEB = f"{WEB_VIP}:{WEB_PORT}"
+
+
+def test_enrolled_pod_connections_are_redirected_and_balanced(mesh: Scenario) -> None:
+    before = mesh.counter("connect4", "redirected")
+    proc, held = mesh.hold(mesh.shop_client, WEB, 30)
+    try:
+        results = held["results"]
+        assert all(r["ok"] for r in results), results
+        per_server = collections.Counter(r["server"] for r in results)
+        assert set(per_server) == {"web-0", "web-1", "web-2"}
+        assert min(per_server.values()) >= 8, per_server
+        # The upstream connection is made from the client pod's netns.
+        assert {r["peer"].split(":")[0] for r in results} == {mesh.shop_client.ip}
+
+        flows = mesh.cli_json("connections")
+        by_client = {f["client"]: f for f in flows}
+        for r in results:
+            flow = by_client[r["local"]]  # the client's side of the redirected socket
+            assert flow["original_dst"] == WEB
+            assert flow["pod"] == "shop/client"
+            assert flow["pod_ip"] == mesh.shop_client.ip
+            assert flow["service"] == "shop/web"
+            assert flow["endpoint"].endswith(f":{WEB_TARGET}")
+        assert len({f["client"] for f in flows if f["original_dst"] == WEB}) == 30
+    finally:
+        mesh.release(proc)
+    assert mesh.counter("connect4", "redirected") - before == 30
+    mesh.wait_for(lambda: not mesh.cli_json("connections"), what="flows to close")
+
+
+def test_nodemesh_installs_no_iptables_or_nftables_rules(mesh: Scenario) -> None:
+    places = [mesh.sb.node, *mesh.sb.pods.values()]
+    for place in places:
+        assert place is not None
+        nft = place.run(["nft", "list", "ruleset"])
+        assert nft.returncode == 0, nft.stderr
+        assert nft.stdout.strip() == "", f"nftables rules in {place.netns_name}: {nft.stdout}"
+        for tool in ("iptables-save", "iptables-legacy-save"):
+            res = place.run([tool])
+            rules = [ln for ln in res.stdout.splitlines() if ln.startswith("-A")]
+            assert rules == [], f"{tool} rules in {place.netns_name}: {rules}"
+
+
+def test_unlabelled_namespace_is_not_redirected(mesh: Scenario) -> None:
+    before = mesh.counter("connect4", "redirected")
+    not_enrolled = mesh.counter("connect4", "pass_not_enrolled")
+    target = f"{mesh.webs[0].ip}:{WEB_TARGET}"
+    proc, held = mesh.hold(mesh.legacy_client, target, 5)
+    try:
+        assert all(r["ok"] for r in held["results"]), held
+        assert {r["server"] for r in held["results"]} == {"web-0"}
+        assert mesh.cli_json("connections") == []
+    finally:
+        mesh.release(proc)
+    assert mesh.counter("connect4", "redirected") == before
+    assert mesh.counter("connect4", "pass_not_enrolled") - not_enrolled == 5
+
+
+def test_unlabelled_namespace_cannot_reach_a_vip_directly(mesh: Scenario) -> None:
+    """VIPs are routed nowhere: only the redirect makes them answer."""
+    res = mesh.app(mesh.legacy_client, "probe", "--target", WEB)
+    assert not res["ok"]
+    assert res["errno"] in (101, 113)  # ENETUNREACH / EHOSTUNREACH, at once
+
+
+def test_enrolled_pod_to_non_service_address_goes_direct(mesh: Scenario) -> None:
+    before = mesh.counter("connect4", "redirected")
+    not_service = mesh.counter("connect4", "pass_not_service")
+    res = mesh.app(mesh.shop_client, "probe", "--target", f"{mesh.webs[1].ip}:{WEB_TARGET}")
+    assert res["ok"], res
+    assert '"server": "web-1"' in res["data"]
+    assert mesh.counter("connect4", "redirected") == before
+    assert mesh.counter("connect4", "pass_not_service") == not_service + 1
+
+
+def test_opted_out_pod_is_not_enrolled(mesh: Scenario) -> None:
+    rows = {r["pod"]: r for r in mesh.cli_json("workloads")}
+    assert rows["shop/batch"]["enrolled"] is False
+    assert "opted out" in rows["shop/batch"]["reason"]
+    assert rows["legacy/client"]["enrolled"] is False
+    assert rows["shop/client"]["enrolled"] is True
+    before = mesh.counter("connect4", "redirected")
+    res = mesh.app(mesh.optout, "probe", "--target", WEB)
+    assert not res["ok"]  # not redirected, so the VIP is unreachable
+    assert mesh.counter("connect4", "redirected") == before
+
+
+def test_byte_exact_concurrent_flows_with_half_close(mesh: Scenario) -> None:
+    res = mesh.app(mesh.shop_client, "flood", "--target", f"{ECHO_VIP}:{ECHO_PORT}",
+                   "--flows", "64", "--size", str(8 << 20), timeout=600)
+    flows = res["flows"]
+    assert len(flows) == 64
+    bad = [f for f in flows if not f.get("match")]
+    assert bad == [], bad[:3]
+    # The echo server sends its trailer only after it saw the client's EOF.
+    assert all(f["trailer_ok"] for f in flows), [f["trailer"] for f in flows][:3]
+
+
+def test_stopped_endpoint_is_skipped(mesh: Scenario) -> None:
+    victim = mesh.webs[2]
+    mesh.stop_server(victim)
+    try:
+        proc, held = mesh.hold(mesh.shop_client, WEB, 12)
+        mesh.release(proc)
+        assert all(r["ok"] for r in held["results"]), held
+        assert {r["server"] for r in held["results"]} == {"web-0", "web-1"}
+    finally:
+        mesh.start_server(victim, ["whoami", "--port", str(WEB_TARGET), "--name", victim.name])
+
+
+def test_no_ready_endpoint_fails_fast(mesh: Scenario) -> None:
+    mesh.write_web_endpoints([])
+    try:
+        mesh.wait_for(lambda: _backends(mesh) == [], what="web to lose its endpoints")
+        t0 = time.monotonic()
+        res = mesh.app(mesh.shop_client, "probe", "--target", WEB, "--timeout", "5")
+        assert not res["ok"], res
+        assert res["seconds"] < 1.0, res
+        assert time.monotonic() - t0 < 5
+    finally:
+        mesh.write_web_endpoints(mesh.webs)
+        mesh.wait_for(lambda: len(_backends(mesh)) == 3, what="web endpoints back")
+
+
+def _backends(mesh: Scenario) -> list[str] | None:
+    for s in mesh.cli_json("status")["services"]:
+        if s["service"] == "shop/web":
+            return s["backends"]
+    return None
+
+
+def test_endpoint_changes_take_effect_without_restart(mesh: Scenario) -> None:
+    pid = mesh.cli_json("status")["pid"]
+    mesh.write_web_endpoints(mesh.webs[:1])
+    try:
+        mesh.wait_for(lambda: _backends(mesh) == [f"{mesh.webs[0].ip}:{WEB_TARGET}"],
+                      what="one endpoint")
+        proc, held = mesh.hold(mesh.shop_client, WEB, 6)
+        mesh.release(proc)
+        assert {r["server"] for r in held["results"]} == {"web-0"}
+    finally:
+        mesh.write_web_endpoints(mesh.webs)
+    mesh.wait_for(lambda: len(_backends(mesh) or []) == 3, what="three endpoints")
+    proc, held = mesh.hold(mesh.shop_client, WEB, 9)
+    mesh.release(proc)
+    assert {r["server"] for r in held["results"]} == {"web-0", "web-1", "web-2"}
+    assert mesh.cli_json("status")["pid"] == pid
+
+
+def test_service_removed_and_added_updates_bpf_map(mesh: Scenario) -> None:
+    """Removing a Service stops the redirect (the VIP is unreachable again);
+    adding it back restores it, with no agent restart."""
+    svc_file = mesh.dir / "svc-shop-web.yaml"
+    saved = svc_file.read_text()
+    mesh.manifests.remove("svc-shop-web.yaml")
+    try:
+        mesh.wait_for(lambda: _backends(mesh) is None, what="web to disappear")
+        res = mesh.app(mesh.shop_client, "probe", "--target", WEB)
+        assert not res["ok"] and res["errno"] in (101, 113), res
+    finally:
+        svc_file.write_text(saved)
+    mesh.wait_for(lambda: len(_backends(mesh) or []) == 3, what="web back")
+    assert mesh.app(mesh.shop_client, "probe", "--target", WEB)["ok"]
+
+
+def test_pod_added_and_removed_is_enrolled_and_unenrolled(mesh: Scenario) -> None:
+    newcomer = mesh.sb.add_pod("late", "shop")
+    path = mesh.manifests.pod(newcomer)
+
+    def enrolled() -> bool | None:
+        rows = {r["pod"]: r for r in mesh.cli_json("workloads")}
+        return rows.get("shop/late", {}).get("enrolled")
+
+    mesh.wait_for(enrolled, what="shop/late enrolled")
+    res = mesh.app(newcomer, "probe", "--target", WEB)
+    assert res["ok"], res
+    path.unlink()
+    mesh.wait_for(lambda: "shop/late" not in {r["pod"] for r in mesh.cli_json("workloads")},
+                  what="shop/late gone")
+    res = mesh.app(newcomer, "probe", "--target", WEB)
+    assert not res["ok"], "a removed pod must no longer be redirected"
+
+
+def test_malformed_yaml_is_reported_and_the_rest_keeps_working(mesh: Scenario) -> None:
+    bad = mesh.dir / "zz-broken.yaml"
+    bad.write_text("kind: Pod\nmetadata: {name: [unclosed\n")
+    try:
+        mesh.wait_for(lambda: mesh.cli_json("status")["config_problems"], what="the problem")
+        problems = mesh.cli_json("status")["config_problems"]
+        assert len(problems) == 1 and "zz-broken.yaml" in problems[0]
+        assert "line" in problems[0]
+        assert mesh.app(mesh.shop_client, "probe", "--target", WEB)["ok"]
+        log = mesh.log_text()
+        assert "zz-broken.yaml" in log and "Traceback" not in log
+    finally:
+        bad.unlink()
+    mesh.wait_for(lambda: not mesh.cli_json("status")["config_problems"], what="problem cleared")
+
+
+def test_bad_edit_keeps_last_good_content_of_that_file(mesh: Scenario) -> None:
+    eps = mesh.dir / "eps-shop-web.yaml"
+    good = eps.read_text()
+    eps.write_text(good + "\n  - this: is: not yaml\n")
+    try:
+        mesh.wait_for(lambda: mesh.cli_json("status")["config_problems"], what="the problem")
+        assert len(_backends(mesh) or []) == 3
+        assert mesh.app(mesh.shop_client, "probe", "--target", WEB)["ok"]
+    finally:
+        eps.write_text(good)
+    mesh.wait_for(lambda: not mesh.cli_json("status")["config_problems"], what="problem cleared")
+
+
+def test_pod_with_missing_netns_is_reported_not_fatal(mesh: Scenario) -> None:
+    ghost = {
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "ghost", "namespace": "shop",
+                     "annotations": {"nodemesh.io/netns": "/var/run/netns/nmsb-does-not-exist"}},
+        "spec": {"nodeName": "node-1"}, "status": {"podIP": "198.18.0.250"},
+    }
+    mesh.manifests.write("pod-ghost.yaml", ghost)
+    try:
+        def reason() -> str | None:
+            rows = {r["pod"]: r for r in mesh.cli_json("workloads")}
+            row = rows.get("shop/ghost")
+            return row["reason"] if row and "not found" in row["reason"] else None
+
+        why = mesh.wait_for(reason, what="ghost reported")
+        assert "/var/run/netns/nmsb-does-not-exist" in why and "is the pod running" in why
+        assert mesh.cli_json("status")["pid"]  # the agent is alive
+        lines = [ln for ln in mesh.log_text().splitlines() if "shop/ghost" in ln]
+        assert len(lines) == 1, lines  # reported once, not every retry
+        assert mesh.app(mesh.shop_client, "probe", "--target", WEB)["ok"]
+    finally:
+        mesh.manifests.remove("pod-ghost.yaml")
+
+
+def test_cli_tables_render(mesh: Scenario) -> None:
+    out = mesh.cli("status").stdout
+    assert "nm_connect4" in out and "connect4" in out and str(mesh.sb.pods_cgroup) in out
+    assert "ATTACHED" in out and "NOT FOUND" not in out
+    out = mesh.cli("workloads").stdout
+    assert "shop/client" in out and "opted out" in out
+    proc, _ = mesh.hold(mesh.shop_client, WEB, 2)
+    try:
+        out = mesh.cli("connections").stdout
+        assert WEB in out and "shop/client" in out
+    finally:
+        mesh.release(proc)
+
+
+def test_kernel_reports_programs_at_the_run_cgroup_only(mesh: Scenario) -> None:
+    """The programs are attached at the sandbox's cgroup and nowhere above it."""
+    from agent.cgroupfs import cgroup2_mount
+
+    here = subprocess.run(["bpftool", "-j", "cgroup", "show", str(mesh.sb.pods_cgroup)],
+                          capture_output=True, text=True, check=True).stdout
+    assert "nm_connect4" in here and "nm_sockops" in here
+    root = subprocess.run(["bpftool", "cgroup", "show", str(cgroup2_mount())],
+                          capture_output=True, text=True, check=True).stdout
+    assert "nm_" not in root
