@@ -101,6 +101,7 @@ def test_opted_out_pod_is_not_enrolled(mesh: Scenario) -> None:
 
 
 def test_byte_exact_concurrent_flows_with_half_close(mesh: Scenario) -> None:
+    before = mesh.counter("connect4", "redirected")
     res = mesh.app(mesh.shop_client, "flood", "--target", f"{ECHO_VIP}:{ECHO_PORT}",
                    "--flows", "64", "--size", str(8 << 20), timeout=600)
     flows = res["flows"]
@@ -109,6 +110,7 @@ def test_byte_exact_concurrent_flows_with_half_close(mesh: Scenario) -> None:
     assert bad == [], bad[:3]
     # The echo server sends its trailer only after it saw the client's EOF.
     assert all(f["trailer_ok"] for f in flows), [f["trailer"] for f in flows][:3]
+    assert mesh.counter("connect4", "redirected") - before == 64  # through the proxy
 
 
 def test_stopped_endpoint_is_skipped(mesh: Scenario) -> None:
