@@ -90,6 +90,7 @@ class BpfDatapath:
         self._lib: Any = None
         self._attached: list[tuple[Any, int, Any]] = []
         self._cgroup_fd = -1
+        self._pinned = False
         self.attachments: list[Attachment] = []
 
     # -- lifecycle -------------------------------------------------------
@@ -115,6 +116,7 @@ class BpfDatapath:
                 f"--instance {self.instance.name}')"
             )
         pin_dir.mkdir(parents=True)
+        self._pinned = True
         for name in MAPS:
             self._pin(self._bpf[name].map_fd, pin_dir / name)
         check_cgroup_root(self.cgroup_root)  # never the machine's root cgroup, whoever calls
@@ -143,8 +145,10 @@ class BpfDatapath:
         if self._cgroup_fd >= 0:
             os.close(self._cgroup_fd)
             self._cgroup_fd = -1
-        remove_pins(self.instance)
-        self.instance.state_file.unlink(missing_ok=True)
+        if self._pinned:
+            remove_pins(self.instance)
+            self.instance.state_file.unlink(missing_ok=True)
+            self._pinned = False
         if self._bpf is not None:
             self._bpf.cleanup()
             self._bpf = None
@@ -237,8 +241,10 @@ def remove_pins(instance: Instance) -> None:
         pin_dir.rmdir()
 
 
-def uninstall(instance: Instance) -> list[str]:
-    """Remove what a crashed agent left: its attachments (by pinned program) and pins."""
+def uninstall(instance: Instance, keep_lock: bool = False) -> list[str]:
+    """Remove what a crashed agent left: its attachments (by pinned program) and pins.
+    Refused while an agent holds the instance (``keep_lock``: the caller is that agent)."""
+    lock_fd = -1 if keep_lock else instance.lock()
     done: list[str] = []
     state = instance.state_file
     cgroup = None
@@ -262,8 +268,11 @@ def uninstall(instance: Instance) -> list[str]:
     if sock.exists():
         sock.unlink()
         done.append(f"removed {sock}")
-    try:
-        instance.run_dir.rmdir()
-    except OSError:
-        pass
+    if lock_fd >= 0:
+        instance.lock_file.unlink(missing_ok=True)
+        os.close(lock_fd)
+        try:
+            instance.run_dir.rmdir()
+        except OSError:
+            pass
     return done

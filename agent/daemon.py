@@ -12,7 +12,7 @@ import time
 from typing import Any
 
 from agent import admin
-from agent.bpf_loader import BpfDatapath
+from agent.bpf_loader import BpfDatapath, uninstall
 from agent.config import AgentConfig
 from agent.enrollment import Enroller, decide
 from controlplane.yaml_source import YamlDirectorySource
@@ -42,7 +42,12 @@ class Agent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         runner = None
+        lock = self.config.instance.lock()
         try:
+            if self.config.instance.pin_dir.exists():
+                # We hold the lock, so whoever pinned these is gone: a crash.
+                for line in uninstall(self.config.instance, keep_lock=True):
+                    log.warning("cleaned up after a previous agent: %s", line)
             self.bpf.load()
             log.info("BPF programs attached under %s, maps pinned in %s",
                      self.config.cgroup_root, self.config.instance.pin_dir)
@@ -64,6 +69,8 @@ class Agent:
                 await runner.cleanup()
             self.config.instance.admin_socket.unlink(missing_ok=True)
             self.bpf.close()
+            self.config.instance.lock_file.unlink(missing_ok=True)
+            os.close(lock)
             try:
                 os.rmdir(self.config.instance.run_dir)
             except OSError:

@@ -20,7 +20,14 @@ def _step(t0: float, text: str) -> None:
     print(f"\n[{time.monotonic() - t0:5.1f}s] {text}", flush=True)
 
 
+_MAIN_PID = os.getpid()
+
+
 def _sigterm(*_: Any) -> None:
+    # Forked helpers (pyroute2 forks to create a netns) inherit this handler:
+    # they must just die, not unwind the demo's teardown a second time.
+    if os.getpid() != _MAIN_PID:
+        os._exit(0)
     raise KeyboardInterrupt
 
 
@@ -33,6 +40,8 @@ def run_demo(connections: int = 30) -> int:
     from sandbox.node import Sandbox, leftovers
     from sandbox.scenario import WEB_PORT, WEB_TARGET, WEB_VIP, Scenario
 
+    global _MAIN_PID
+    _MAIN_PID = os.getpid()
     signal.signal(signal.SIGTERM, _sigterm)
     t0 = time.monotonic()
     _step(t0, "building a virtual node from network namespaces and cgroups")

@@ -107,6 +107,7 @@ class Sandbox:
         self._netns: list[str] = []
         self._next_ip = 10
         self._torn_down = False
+        self._owner_pid = os.getpid()
 
     # -- life cycle -----------------------------------------------------------
     def __enter__(self) -> Sandbox:
@@ -174,7 +175,9 @@ class Sandbox:
         return p
 
     def teardown(self) -> None:
-        if self._torn_down:
+        # A forked child (pyroute2 forks to create a netns) that unwinds through
+        # a ``with Sandbox()`` must not tear down its parent's run.
+        if self._torn_down or os.getpid() != self._owner_pid:
             return
         self._torn_down = True
         stop_processes(self.processes)
