@@ -100,14 +100,14 @@ class BpfDatapath:
 
         self._lib = lib
         try:
-            self._bpf = BPF(text=program_text())
+            self._bpf = BPF(text=program_text().encode())
         except Exception as exc:  # BCC raises a bare Exception on compile errors
             raise UserError(f"BPF programs failed to compile: {exc} "
                             "(see the compiler output above)") from None
         connect4 = self._bpf.load_func(
-            "nm_connect4", BPF.CGROUP_SOCK_ADDR, attach_type=BPFAttachType.CGROUP_INET4_CONNECT
+            b"nm_connect4", BPF.CGROUP_SOCK_ADDR, attach_type=BPFAttachType.CGROUP_INET4_CONNECT
         )
-        sockops = self._bpf.load_func("nm_sockops", BPF.SOCK_OPS)
+        sockops = self._bpf.load_func(b"nm_sockops", BPF.SOCK_OPS)
         pin_dir = self.instance.pin_dir
         if pin_dir.exists():
             raise UserError(
@@ -118,7 +118,7 @@ class BpfDatapath:
         pin_dir.mkdir(parents=True)
         self._pinned = True
         for name in MAPS:
-            self._pin(self._bpf[name].map_fd, pin_dir / name)
+            self._pin(self._table(name).map_fd, pin_dir / name)
         check_cgroup_root(self.cgroup_root)  # never the machine's root cgroup, whoever calls
         self._cgroup_fd = os.open(self.cgroup_root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self._write_state()
@@ -153,6 +153,9 @@ class BpfDatapath:
             self._bpf.cleanup()
             self._bpf = None
 
+    def _table(self, name: str) -> Any:
+        return self._bpf[name.encode()]  # BCC wants bytes (str is deprecated)
+
     def _pin(self, fd: int, path: Path) -> None:
         if self._lib.bpf_obj_pin(fd, str(path).encode()) != 0:
             err = ctypes.get_errno() or errno.EIO
@@ -165,21 +168,21 @@ class BpfDatapath:
     # -- maps ---------------------------------------------------------------
     def enroll(self, netns_cookie: int) -> None:
         key = ctypes.c_uint64(netns_cookie)
-        self._bpf["nm_enrolled"][key] = ctypes.c_uint32(1)
+        self._table("nm_enrolled")[key] = ctypes.c_uint32(1)
 
     def unenroll(self, netns_cookie: int) -> None:
         key = ctypes.c_uint64(netns_cookie)
         try:
-            del self._bpf["nm_enrolled"][key]
+            del self._table("nm_enrolled")[key]
         except KeyError:
             pass
 
     def enrolled_cookies(self) -> set[int]:
-        return {k.value for k in self._bpf["nm_enrolled"].keys()}
+        return {k.value for k in self._table("nm_enrolled").keys()}
 
     def sync_services(self, wanted: dict[tuple[str, int], int]) -> None:
         """Make nm_services hold exactly ``wanted`` (VIP, port) -> id."""
-        table = self._bpf["nm_services"]
+        table = self._table("nm_services")
         have = {(k.ip, k.port) for k in table.keys()}
         want = {(SvcKey.of(ip, port).ip, port): sid for (ip, port), sid in wanted.items()}
         for ip_u32, port in have - set(want):
@@ -191,11 +194,11 @@ class BpfDatapath:
     def services(self) -> set[tuple[str, int]]:
         from agent.bpf_layout import u32_to_ip
 
-        return {(u32_to_ip(k.ip), k.port) for k in self._bpf["nm_services"].keys()}
+        return {(u32_to_ip(k.ip), k.port) for k in self._table("nm_services").keys()}
 
     def take_orig_dst(self, key: FlowKey) -> tuple[str, int] | None:
         """Look up and delete a flow's original destination (one reader: the proxy)."""
-        fd = self._bpf["nm_orig_dst"].map_fd
+        fd = self._table("nm_orig_dst").map_fd
         val = OrigDst()
         if self._lib.bpf_lookup_elem(fd, ctypes.byref(key), ctypes.byref(val)) != 0:
             return None
@@ -203,7 +206,7 @@ class BpfDatapath:
         return val.address()
 
     def counters(self) -> dict[str, dict[str, int]]:
-        table = self._bpf["nm_counters"]
+        table = self._table("nm_counters")
         out: dict[str, dict[str, int]] = {}
         for c in Counter:
             out.setdefault(COUNTER_PROGRAM[c], {})[c.name.split("_", 1)[1]] = int(table.sum(c).value)
@@ -212,7 +215,7 @@ class BpfDatapath:
     def map_sizes(self) -> list[dict[str, Any]]:
         rows = []
         for name in MAPS:
-            table = self._bpf[name]
+            table = self._table(name)
             entries = None if name == "nm_counters" else sum(1 for _ in table.keys())
             rows.append({"map": name, "entries": entries, "max_entries": table.max_entries,
                          "pin": str(self.instance.pin_dir / name)})

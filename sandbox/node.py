@@ -263,19 +263,24 @@ def _remove_agent_leftovers(run_id: str) -> None:
         inst.run_dir.parent.rmdir()
 
 
-def _owner_alive(run_id: str) -> bool:
+def _owner_pid(run_id: str) -> int | None:
+    """The pid that owns a run, if that process is still alive."""
     marker = MARKER_DIR / f"{run_id}.json"
     try:
-        pid = json.loads(marker.read_text())["pid"]
-    except (OSError, ValueError, KeyError):
-        return False
+        pid = int(json.loads(marker.read_text())["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return False
+        return None
     except PermissionError:
-        return True
-    return True
+        pass
+    return pid
+
+
+def _owner_alive(run_id: str) -> bool:
+    return _owner_pid(run_id) is not None
 
 
 def sweep() -> list[str]:
@@ -307,13 +312,21 @@ def sweep() -> list[str]:
     return swept
 
 
-def leftovers() -> list[str]:
-    """What any sandbox run (live or dead) still holds on the machine."""
-    found = [f"netns {n}" for n in netns.listnetns() if n.startswith(NETNS_PREFIX)]
-    found += [f"cgroup {d}" for d in cgroup2_mount().glob(f"{CGROUP_PREFIX}*")]
+def leftovers(include_others: bool = False) -> list[str]:
+    """What sandbox runs still hold on the machine: runs whose owner is dead
+    or is this process. ``include_others`` adds live runs of other processes
+    (a demo or benchmark running beside the tests is not a leak)."""
+
+    def counted(run_id: str) -> bool:
+        return include_others or _owner_pid(run_id) in (None, os.getpid())
+
+    found = [f"netns {n}" for n in netns.listnetns()
+             if n.startswith(NETNS_PREFIX) and counted(n[len(NETNS_PREFIX):].split("-", 1)[0])]
+    found += [f"cgroup {d}" for d in cgroup2_mount().glob(f"{CGROUP_PREFIX}*")
+              if counted(d.name[len(CGROUP_PREFIX):])]
     pin_root = Path("/sys/fs/bpf/nodemesh")
     if pin_root.is_dir():
-        found += [f"pins {p}" for p in pin_root.glob("sb-*")]
+        found += [f"pins {p}" for p in pin_root.glob("sb-*") if counted(p.name[3:])]
     if MARKER_DIR.is_dir():
-        found += [f"marker {m}" for m in MARKER_DIR.glob("*.json")]
+        found += [f"marker {m}" for m in MARKER_DIR.glob("*.json") if counted(m.stem)]
     return found
