@@ -4,6 +4,7 @@ on the node can reach (pods have their own netns and mount namespace).
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,7 +24,9 @@ def build_app(agent: Agent) -> web.Application:
         return web.json_response({"ready": ok}, status=200 if ok else 503)
 
     async def status(_: web.Request) -> web.Response:
-        return web.json_response(agent.status())
+        # bpftool is a subprocess: never run it on the proxy's event loop.
+        kernel = await asyncio.get_running_loop().run_in_executor(None, agent.bpf.kernel_view)
+        return web.json_response(agent.status(kernel))
 
     async def workloads(_: web.Request) -> web.Response:
         return web.json_response(agent.enroller.rows())
@@ -31,12 +34,16 @@ def build_app(agent: Agent) -> web.Application:
     async def connections(_: web.Request) -> web.Response:
         return web.json_response(agent.flows.snapshot())
 
+    async def config_dump(_: web.Request) -> web.Response:
+        return web.json_response(agent.xds.dump())
+
     app = web.Application()
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/status", status)
     app.router.add_get("/workloads", workloads)
     app.router.add_get("/connections", connections)
+    app.router.add_get("/config_dump", config_dump)
     return app
 
 

@@ -187,9 +187,15 @@ class BpfDatapath:
         want = {(SvcKey.of(ip, port).ip, port): sid for (ip, port), sid in wanted.items()}
         for ip_u32, port in have - set(want):
             self._lib.bpf_delete_elem(table.map_fd, ctypes.byref(SvcKey(ip_u32, port, 0)))
+        failed = 0
         for (ip_u32, port), sid in want.items():
             key, val = SvcKey(ip_u32, port, 0), SvcVal(sid)
-            self._lib.bpf_update_elem(table.map_fd, ctypes.byref(key), ctypes.byref(val), 0)
+            if self._lib.bpf_update_elem(table.map_fd, ctypes.byref(key), ctypes.byref(val), 0) != 0:
+                failed += 1
+        if failed:
+            # Most likely the map is full: those services are not redirected.
+            raise UserError(f"{failed} of {len(want)} services could not be written to "
+                            f"nm_services (max {table.max_entries}): they are not redirected")
 
     def services(self) -> set[tuple[str, int]]:
         from agent.bpf_layout import u32_to_ip

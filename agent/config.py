@@ -14,5 +14,15 @@ class AgentConfig:
     node_name: str
     config_dir: Path
     cgroup_root: Path
+    # None: run our own control plane in-process on the config folder (the
+    # embedded default) and take services from it over xDS like any other.
+    xds_address: str | None = None
+    xds_mode: str = "delta"  # delta | sotw; delta falls back to sotw by itself
+    state_dir: Path | None = None  # where the last good xDS config is kept
     poll_interval: float = 0.25
     connect_timeout: float = 1.0
+
+    @property
+    def config_store_path(self) -> Path:
+        base = self.state_dir or Path("/var/lib/nodemesh") / self.instance.name
+        return base / "xds-config.json"

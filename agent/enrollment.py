@@ -67,6 +67,15 @@ class _Enrolled:
     ctx: PodContext
     listener: socket.socket
     server: asyncio.AbstractServer
+    netns_id: tuple[int, int]  # (st_dev, st_ino) of the netns file when enrolled
+
+
+def _netns_id(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 class Enroller:
@@ -116,13 +125,17 @@ class Enroller:
             self.errors[d.pod] = str(exc)
             return
         ctx = PodContext(key=d.pod, ip=d.ip, netns_fd=fd, netns_cookie=cookie)
+        ident = os.fstat(fd)
         server = await self.proxy.serve(ctx, listener)
         self.bpf.enroll(cookie)
         self.errors.pop(d.pod, None)
-        self.enrolled[d.pod] = _Enrolled(d, ctx, listener, server)
+        self.enrolled[d.pod] = _Enrolled(d, ctx, listener, server, (ident.st_dev, ident.st_ino))
         log.info("enrolled %s (netns %s, cookie %d)", d.pod, d.netns_path, cookie)
 
     async def _remove(self, key: str) -> None:
+        self._remove_now(key)
+
+    def _remove_now(self, key: str) -> None:
         e = self.enrolled.pop(key)
         self.bpf.unenroll(e.ctx.netns_cookie)
         e.server.close()
@@ -133,6 +146,20 @@ class Enroller:
         grace = self.proxy.connect_timeout * (MAX_CONNECT_ATTEMPTS + 1)
         asyncio.get_running_loop().call_later(grace, os.close, e.ctx.netns_fd)
         log.info("unenrolled %s", key)
+
+    def drop_vanished(self) -> bool:
+        """Unenroll pods whose netns went away (or was replaced) under us. Our fd
+        would otherwise keep a dead pod's netns alive until its manifest changes;
+        a replaced netns is enrolled afresh by the next ``apply``."""
+        gone = False
+        for key, e in list(self.enrolled.items()):
+            assert e.decision.netns_path is not None
+            if _netns_id(e.decision.netns_path) != e.netns_id:
+                log.warning("%s: netns %s is gone or replaced: unenrolling", key,
+                            e.decision.netns_path)
+                self._remove_now(key)
+                gone = True
+        return gone
 
     async def remove_all(self) -> None:
         for key in list(self.enrolled):

@@ -33,11 +33,23 @@ def _setns(fd: int) -> None:
 def open_netns(path: str) -> int:
     """Open a netns file (``/var/run/netns/<name>`` or ``/proc/<pid>/ns/net``)."""
     try:
-        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except FileNotFoundError:
         raise UserError(f"pod netns {path} not found: is the pod running?") from None
     except PermissionError:
         raise UserError(f"cannot open pod netns {path}: run the agent as root") from None
+    except OSError as exc:
+        raise UserError(f"cannot open pod netns {path}: {exc.strerror}") from None
+    # Fail here, not at setns: a regular file or /proc entry of another kind
+    # must not get as far as the enrolled map.
+    try:
+        with entered(fd):
+            pass
+    except OSError:
+        os.close(fd)
+        raise UserError(f"{path} is not a network namespace: check the pod's "
+                        "nodemesh.io/netns annotation") from None
+    return fd
 
 
 @contextlib.contextmanager

@@ -162,9 +162,11 @@ def parse_documents(docs: Iterable[Any], source: str) -> Objects:
 
 def parse_file(path: Path) -> Objects:
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ManifestError(f"cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ManifestError(f"not UTF-8 text (byte {exc.start})") from None
     try:
         docs = list(yaml.safe_load_all(text))
     except yaml.YAMLError as exc:
@@ -172,10 +174,12 @@ def parse_file(path: Path) -> Objects:
         where = f"line {mark.line + 1}: " if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ManifestError(f"{where}invalid YAML ({problem})") from None
+    except RecursionError:
+        raise ManifestError("nested too deeply to be a Kubernetes manifest") from None
     try:
         return parse_documents(docs, str(path))
-    except (AttributeError, TypeError) as exc:
-        raise ManifestError(f"unexpected structure ({exc})") from None
+    except (AttributeError, TypeError, ValueError, RecursionError) as exc:
+        raise ManifestError(f"unexpected structure ({type(exc).__name__}: {exc})") from None
 
 
 def build_registry(objects: Iterable[Any]) -> Registry:

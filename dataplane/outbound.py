@@ -89,13 +89,23 @@ class OutboundProxy:
         for attempt, backend in enumerate(self.lb.candidates(entry)):
             if attempt >= MAX_CONNECT_ATTEMPTS:
                 break
-            sock = netns.socket_in(pod.netns_fd)
+            try:
+                sock = netns.socket_in(pod.netns_fd)
+            except OSError as exc:  # EMFILE and the like: nothing to retry on
+                log.error("%s: cannot open an upstream socket: %s", pod.key, exc.strerror)
+                break
             try:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, PROXY_MARK)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 sock.setblocking(False)
                 await asyncio.wait_for(loop.sock_connect(sock, (backend.ip, backend.port)),
                                        self.connect_timeout)
+                if down.closed:
+                    sock.close()
+                    self.flows.close(flow)
+                    return
+                up = RelaySide(on_bytes=lambda n: _add_received(flow, n))
+                await loop.create_connection(lambda up=up: up, sock=sock)
             except (TimeoutError, OSError) as exc:
                 sock.close()
                 self.stats["connect_failed"] += 1
@@ -103,15 +113,10 @@ class OutboundProxy:
                          pod.key, backend.address, entry.service,
                          getattr(exc, "strerror", None) or "timeout")
                 continue
-            if down.closed:
-                sock.close()
-                self.flows.close(flow)
-                return
             flow.endpoint = backend.address
-            up = RelaySide(on_bytes=lambda n: _add_received(flow, n))
-            await loop.create_connection(lambda up=up: up, sock=sock)
             flow.state = "established"
             self.stats["relayed"] += 1
+            # link() handles either side having gone away meanwhile.
             down.link(up)
             up.link(down)
             transport.resume_reading()

@@ -44,6 +44,12 @@ class RelaySide(asyncio.Protocol):
 
     def link(self, peer: RelaySide) -> None:
         self.peer = peer
+        if peer.closed:
+            # The other side went away before the two were joined: nothing can
+            # be delivered, so fail this side the same way.
+            if self.transport is not None and not self.transport.is_closing():
+                reset(self.transport)
+            return
         if self._buffer and peer.transport is not None:
             for chunk in self._buffer:
                 peer.transport.write(chunk)

@@ -33,6 +33,8 @@ examples:
   nodemesh status                            programs, maps, counters, enrolled pods
   nodemesh workloads -o json                 this node's pods and why each is (not) enrolled
   nodemesh connections                       live meshed flows
+  nodemesh config                            xDS versions, ACK/NACK and resources
+  nodemesh control-plane --config-dir DIR    serve xDS to agents, Envoy and proxyless gRPC
 """
 
 
@@ -68,6 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cgroup-root", required=True, type=Path,
                    help="cgroup v2 directory to attach under (the pods' parent cgroup, e.g. "
                         "kubepods); the machine's root cgroup is refused")
+    p.add_argument("--xds-address", metavar="HOST:PORT",
+                   help="an external xDS control plane (ADS over gRPC) to take services and "
+                        "endpoints from; default: run nodemesh's own control plane embedded, on "
+                        "--config-dir")
+    p.add_argument("--xds-mode", choices=("delta", "sotw"), default="delta",
+                   help="incremental (default; falls back to sotw when the control plane lacks "
+                        "it) or state-of-the-world ADS")
+    p.add_argument("--state-dir", type=Path,
+                   help="where the last good xDS config is kept, to serve from when the control "
+                        "plane is unreachable at start (default /var/lib/nodemesh/<instance>)")
     p.add_argument("--connect-timeout", type=float, default=1.0,
                    help="seconds to wait for an upstream connect before trying the next "
                         "endpoint (default 1.0)")
@@ -77,11 +89,21 @@ def build_parser() -> argparse.ArgumentParser:
         ("status", "BPF programs and where they are attached, maps, counters, enrolled pods"),
         ("workloads", "this node's pods, and whether each is enrolled and why (or why not)"),
         ("connections", "live meshed flows: source pod, original destination, endpoint, bytes"),
+        ("config", "the xDS config the agent applied: per type its version, last ACK or NACK "
+                   "(with the reason) and the resources"),
     ):
         p = sub.add_parser(name, help=helptext, description=helptext[0].upper() + helptext[1:]
                            + ". Reads the running agent's admin socket.")
         _add_instance(p)
         _add_output(p)
+
+    p = sub.add_parser("control-plane", help="run nodemesh's xDS control plane",
+                       description="Serve Envoy v3 xDS (ADS, state of the world and delta) from a "
+                       "folder of Kubernetes-style YAML, re-read when it changes. Agents use it "
+                       "with --xds-address; so can Envoy and proxyless gRPC clients.")
+    from controlplane.service import build_parser_args
+
+    build_parser_args(p)
 
     p = sub.add_parser("check-config", help="validate a folder of manifests",
                        description="Parse every YAML file of a config folder as the agent would; "
@@ -116,10 +138,15 @@ def run_agent(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s nodemesh %(levelname)s %(name)s: %(message)s")
+    if os.geteuid() != 0:
+        raise UserError("nodemesh agent must run as root (it loads BPF programs and enters pod netns)")
+    if not os.path.isdir(args.config_dir):  # False (not an exception) when unreadable too
+        raise UserError(f"config directory {args.config_dir} does not exist or is not a folder")
     preflight()
     config = AgentConfig(instance=Instance(args.instance), node_name=args.node_name,
                          config_dir=args.config_dir, cgroup_root=check_cgroup_root(args.cgroup_root),
-                         connect_timeout=args.connect_timeout)
+                         xds_address=args.xds_address, xds_mode=args.xds_mode,
+                         state_dir=args.state_dir, connect_timeout=args.connect_timeout)
     agent = Agent(config)
     uvloop.run(agent.run())
     return 0
@@ -145,6 +172,11 @@ def cmd_status(args: argparse.Namespace) -> int:
                f"uptime={s['uptime_seconds']}s",
                f"config   {s['config_dir']} (reloads: {s['config_reloads']})"]
         out += [f"  problem: {p}" for p in s["config_problems"]]
+        x = s["xds"]
+        out.append(f"xds      {x['control_plane']}{' (embedded)' if x['embedded'] else ''} "
+                   f"mode={x['mode']} connected={x['connected']} synced={x['synced']} "
+                   f"source={x['source']} accepted={x['accepted']} rejected={x['rejected']}"
+                   + (f" last_error={x['last_error']!r}" if x["last_error"] else ""))
         out += ["", "BPF programs (as the kernel reports them at the cgroup root)"]
         kernel = {(k.get("attach_type"), k.get("name")): k for k in s["kernel_attachments"]}
         rows = []
@@ -196,6 +228,36 @@ def cmd_connections(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    def render(d: dict[str, Any]) -> str:
+        out = [f"control plane {d['control_plane']}  mode={d['mode']} connected={d['connected']} "
+               f"synced={d['synced']} source={d['source']} node={d['node']}"]
+        if d["last_error"]:
+            out.append(f"last error: {d['last_error']}")
+        rows = []
+        for short, t in d["types"].items():
+            last = t["last"] or {}
+            rows.append({"type": short, "count": t["count"], "version": t["version"] or None,
+                         "last": last.get("status"), "nonce": last.get("nonce"),
+                         "reason": last.get("reason")})
+        out += ["", table(rows, [("type", "TYPE"), ("count", "RESOURCES"), ("version", "VERSION"),
+                                 ("last", "LAST"), ("nonce", "NONCE"), ("reason", "REASON")])]
+        for short, t in d["types"].items():
+            if t["resources"]:
+                out += ["", f"{short}:"] + [f"  {r['name']}  (version {r['version']})"
+                                             for r in t["resources"]]
+        return "\n".join(out)
+
+    _emit(args, _admin(args, "/config_dump"), render)
+    return 0
+
+
+def cmd_control_plane(args: argparse.Namespace) -> int:
+    from controlplane.service import run
+
+    return run(args)
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     from controlplane.yaml_source import YamlDirectorySource
 
@@ -230,7 +292,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "agent": run_agent, "status": cmd_status, "workloads": cmd_workloads,
-    "connections": cmd_connections, "check-config": cmd_check_config,
+    "connections": cmd_connections, "config": cmd_config, "control-plane": cmd_control_plane,
+    "check-config": cmd_check_config,
     "uninstall": cmd_uninstall, "demo": cmd_demo,
 }
 

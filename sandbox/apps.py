@@ -145,15 +145,20 @@ async def flood(args: argparse.Namespace) -> None:
 def probe(args: argparse.Namespace) -> None:
     host, port = _addr(args.target)
     t0 = time.monotonic()
-    s = socket.socket()
+    s = socket.socket(type=socket.SOCK_DGRAM if args.udp else socket.SOCK_STREAM)
     s.settimeout(args.timeout)
+    if args.mark is not None:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, args.mark)
     try:
         s.connect((host, port))
-        s.sendall(b"ping\n")
-        data = s.recv(4096)
-        res = {"ok": bool(data), "data": data.decode(errors="replace")}
-        if not data:
-            res["error"] = "closed"
+        if args.udp:
+            res = {"ok": True, "data": ""}  # a UDP connect only routes; that is the test
+        else:
+            s.sendall(b"ping\n")
+            data = s.recv(4096)
+            res = {"ok": bool(data), "data": data.decode(errors="replace")}
+            if not data:
+                res["error"] = "closed"
     except OSError as exc:
         res = {"ok": False, "error": exc.strerror or type(exc).__name__, "errno": exc.errno}
     finally:
@@ -182,6 +187,8 @@ def main(argv: list[str] | None = None) -> None:
     a = sub.add_parser("probe")
     a.add_argument("--target", required=True)
     a.add_argument("--timeout", type=float, default=3.0)
+    a.add_argument("--udp", action="store_true", help="a UDP socket instead of TCP")
+    a.add_argument("--mark", type=lambda v: int(v, 0), help="SO_MARK to set on the socket")
     args = p.parse_args(argv)
     if args.app == "probe":
         probe(args)

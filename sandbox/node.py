@@ -17,8 +17,10 @@ import ipaddress
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,6 +35,8 @@ NETNS_PREFIX = "nmsb-"
 CGROUP_PREFIX = "nodemesh-sandbox-"
 MARKER_DIR = Path("/run/nodemesh-sandbox")
 NETNS_DIR = Path("/var/run/netns")
+WORKDIR_PREFIX = "nodemesh-sb-"
+STATE_ROOT = Path("/var/lib/nodemesh")  # the agent's persisted xDS config
 POD_NET = ipaddress.IPv4Network("198.18.0.0/24")  # RFC 2544 benchmarking range
 VIP_NET = ipaddress.IPv4Network("198.19.0.0/16")  # routed nowhere, by construction
 BRIDGE = "br0"
@@ -101,6 +105,7 @@ class Sandbox:
         self.prefix = f"{NETNS_PREFIX}{self.run_id}"
         self.cgroup_root = cgroup2_mount() / f"{CGROUP_PREFIX}{self.run_id}"
         self.pods_cgroup = self.cgroup_root / "pods"  # the agent's attach point
+        self.workdir = _workdir(self.run_id)  # manifests, logs: removed with the run
         self.processes: list[subprocess.Popen[Any]] = []
         self.pods: dict[str, Pod] = {}
         self.node: Place | None = None
@@ -131,6 +136,7 @@ class Sandbox:
         self.marker.write_text(json.dumps({"pid": os.getpid(), "started": time.time()}))
         self.pods_cgroup.mkdir(parents=True)
         (self.cgroup_root / "node").mkdir()
+        self.workdir.mkdir(mode=0o700)
         name = f"{self.prefix}-node"
         self._add_netns(name)
         with NetNS(name) as ns:
@@ -187,6 +193,7 @@ class Sandbox:
                 netns.remove(name)
         _remove_cgroup_tree(self.cgroup_root)
         _remove_agent_leftovers(self.run_id)
+        shutil.rmtree(self.workdir, ignore_errors=True)
         self.marker.unlink(missing_ok=True)
 
     def agent_instance(self) -> str:
@@ -242,6 +249,10 @@ def _remove_cgroup_tree(root: Path) -> None:
                 time.sleep(0.02)  # a killed process may take a moment to leave
 
 
+def _workdir(run_id: str) -> Path:
+    return Path(tempfile.gettempdir()) / f"{WORKDIR_PREFIX}{run_id}"
+
+
 def _remove_agent_leftovers(run_id: str) -> None:
     """Pins and run dir of an agent this run started, if it died before cleaning up.
     Its programs were detached when the run's cgroup went."""
@@ -251,6 +262,9 @@ def _remove_agent_leftovers(run_id: str) -> None:
     inst = Instance(f"sb-{run_id}")
     with contextlib.suppress(OSError):
         remove_pins(inst)
+    shutil.rmtree(STATE_ROOT / inst.name, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        STATE_ROOT.rmdir()  # only if empty
     if inst.run_dir.exists():
         for p in inst.run_dir.iterdir():
             with contextlib.suppress(OSError):
@@ -295,6 +309,8 @@ def sweep() -> list[str]:
     if MARKER_DIR.is_dir():
         for m in MARKER_DIR.glob("*.json"):
             runs.add(m.stem)
+    for d in _workdir("").parent.glob(f"{WORKDIR_PREFIX}*"):
+        runs.add(d.name[len(WORKDIR_PREFIX):])
     swept = []
     for run_id in sorted(runs):
         if _owner_alive(run_id):
@@ -307,6 +323,7 @@ def sweep() -> list[str]:
                     netns.remove(name)
         _remove_cgroup_tree(root)
         _remove_agent_leftovers(run_id)
+        shutil.rmtree(_workdir(run_id), ignore_errors=True)
         (MARKER_DIR / f"{run_id}.json").unlink(missing_ok=True)
         swept.append(run_id)
     return swept
@@ -329,4 +346,8 @@ def leftovers(include_others: bool = False) -> list[str]:
         found += [f"pins {p}" for p in pin_root.glob("sb-*") if counted(p.name[3:])]
     if MARKER_DIR.is_dir():
         found += [f"marker {m}" for m in MARKER_DIR.glob("*.json") if counted(m.stem)]
+    if STATE_ROOT.is_dir():
+        found += [f"state {p}" for p in STATE_ROOT.glob("sb-*") if counted(p.name[3:])]
+    found += [f"workdir {d}" for d in _workdir("").parent.glob(f"{WORKDIR_PREFIX}*")
+              if counted(d.name[len(WORKDIR_PREFIX):])]
     return found

@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -32,11 +31,11 @@ NODEMESH = str(Path(sys.executable).with_name("nodemesh"))
 class Scenario:
     def __init__(self, sandbox: Sandbox, agent_args: tuple[str, ...] = ()) -> None:
         self.sb = sandbox
-        self.dir = Path(tempfile.mkdtemp(prefix=f"nodemesh-{sandbox.run_id}-"))
+        self.dir = sandbox.workdir / "manifests"
         self.manifests = ManifestDir(self.dir, NODE_NAME)
         self.instance = sandbox.agent_instance()
         self.agent: subprocess.Popen[str] | None = None
-        self.agent_log = self.dir.parent / f"{self.dir.name}.agent.log"
+        self.agent_log = sandbox.workdir / "agent.log"
         self.agent_args = agent_args
         self.servers: dict[str, subprocess.Popen[str]] = {}
         self.shop_client: Pod
@@ -97,8 +96,8 @@ class Scenario:
         while time.monotonic() < deadline:
             if self.agent.poll() is not None:
                 raise RuntimeError(f"agent exited with {self.agent.returncode}:\n{self.log_text()}")
-            res = self.cli("status", check=False)
-            if res.returncode == 0:
+            res = self.cli("status", "-o", "json", check=False)
+            if res.returncode == 0 and json.loads(res.stdout).get("ready"):
                 return
             time.sleep(0.1)
         raise RuntimeError(f"agent not ready after {timeout}s:\n{self.log_text()}")

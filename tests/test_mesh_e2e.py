@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import collections
 import subprocess
-import time
 
 import pytest
 
@@ -43,17 +42,34 @@ def test_enrolled_pod_connections_are_redirected_and_balanced(mesh: Scenario) ->
     mesh.wait_for(lambda: not mesh.cli_json("connections"), what="flows to close")
 
 
+def _rules(run) -> dict[str, list[str]]:  # type: ignore[no-untyped-def]
+    """nftables ruleset and iptables rules (nft and legacy backends) as one netns sees them."""
+    out = {}
+    nft = run(["nft", "list", "ruleset"])
+    assert nft.returncode == 0, nft.stderr
+    out["nft"] = [ln for ln in nft.stdout.splitlines() if ln.strip()]
+    for tool in ("iptables-save", "iptables-legacy-save"):
+        res = run([tool])
+        assert res.returncode == 0, f"{tool}: {res.stderr}"
+        out[tool] = [ln for ln in res.stdout.splitlines() if ln.startswith("-A")]
+    return out
+
+
+def _host_run(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+
+
 def test_nodemesh_installs_no_iptables_or_nftables_rules(mesh: Scenario) -> None:
+    host_before = _rules(_host_run)
+    # Traffic through the mesh while we look: redirection is the BPF program's alone.
+    assert mesh.app(mesh.shop_client, "probe", "--target", WEB)["ok"]
     places = [mesh.sb.node, *mesh.sb.pods.values()]
     for place in places:
         assert place is not None
-        nft = place.run(["nft", "list", "ruleset"])
-        assert nft.returncode == 0, nft.stderr
-        assert nft.stdout.strip() == "", f"nftables rules in {place.netns_name}: {nft.stdout}"
-        for tool in ("iptables-save", "iptables-legacy-save"):
-            res = place.run([tool])
-            rules = [ln for ln in res.stdout.splitlines() if ln.startswith("-A")]
-            assert rules == [], f"{tool} rules in {place.netns_name}: {rules}"
+        rules = _rules(place.run)
+        assert rules == {"nft": [], "iptables-save": [], "iptables-legacy-save": []}, \
+            f"rules in {place.netns_name}: {rules}"
+    assert _rules(_host_run) == host_before  # the host netns: unchanged by nodemesh
 
 
 def test_unlabelled_namespace_is_not_redirected(mesh: Scenario) -> None:
@@ -86,6 +102,21 @@ def test_enrolled_pod_to_non_service_address_goes_direct(mesh: Scenario) -> None
     assert '"server": "web-1"' in res["data"]
     assert mesh.counter("connect4", "redirected") == before
     assert mesh.counter("connect4", "pass_not_service") == not_service + 1
+
+
+def test_proxy_marked_sockets_and_udp_are_never_redirected(mesh: Scenario) -> None:
+    """The proxy's own sockets (SO_MARK 0x539) and non-TCP sockets pass untouched,
+    even from an enrolled pod to a mesh VIP (so they find no route)."""
+    before = mesh.counter("connect4", "redirected")
+    proxy = mesh.counter("connect4", "pass_proxy")
+    other = mesh.counter("connect4", "pass_other")
+    marked = mesh.app(mesh.shop_client, "probe", "--target", WEB, "--mark", "0x539")
+    assert not marked["ok"] and marked["errno"] in (101, 113), marked
+    udp = mesh.app(mesh.shop_client, "probe", "--target", WEB, "--udp")
+    assert not udp["ok"] and udp["errno"] in (101, 113), udp
+    assert mesh.counter("connect4", "pass_proxy") == proxy + 1
+    assert mesh.counter("connect4", "pass_other") == other + 1
+    assert mesh.counter("connect4", "redirected") == before
 
 
 def test_opted_out_pod_is_not_enrolled(mesh: Scenario) -> None:
@@ -125,18 +156,34 @@ def test_stopped_endpoint_is_skipped(mesh: Scenario) -> None:
         mesh.start_server(victim, ["whoami", "--port", str(WEB_TARGET), "--name", victim.name])
 
 
-def test_no_ready_endpoint_fails_fast(mesh: Scenario) -> None:
-    mesh.write_web_endpoints([])
+@pytest.mark.parametrize("how", ["no endpoints", "none ready"])
+def test_no_ready_endpoint_fails_fast(mesh: Scenario, how: str) -> None:
+    if how == "no endpoints":
+        mesh.write_web_endpoints([])
+    else:
+        mesh.manifests.endpoint_slice("shop", "web", mesh.webs, [("http", WEB_TARGET)], ready=False)
     try:
-        mesh.wait_for(lambda: _backends(mesh) == [], what="web to lose its endpoints")
-        t0 = time.monotonic()
+        mesh.wait_for(lambda: _backends(mesh) == [], what="web to lose its ready endpoints")
         res = mesh.app(mesh.shop_client, "probe", "--target", WEB, "--timeout", "5")
         assert not res["ok"], res
+        assert res["error"] in ("Connection reset by peer", "closed"), res
         assert res["seconds"] < 1.0, res
-        assert time.monotonic() - t0 < 5
     finally:
         mesh.write_web_endpoints(mesh.webs)
-        mesh.wait_for(lambda: len(_backends(mesh)) == 3, what="web endpoints back")
+        mesh.wait_for(lambda: len(_backends(mesh) or []) == 3, what="web endpoints back")
+
+
+def test_all_endpoint_servers_down_fails_fast(mesh: Scenario) -> None:
+    """Endpoints still listed as ready, but nothing listens: every connect is
+    refused, the bounded retries end, the client is reset within a second."""
+    for w in mesh.webs:
+        mesh.stop_server(w)
+    try:
+        res = mesh.app(mesh.shop_client, "probe", "--target", WEB, "--timeout", "5")
+        assert not res["ok"] and res["seconds"] < 1.0, res
+    finally:
+        for w in mesh.webs:
+            mesh.start_server(w, ["whoami", "--port", str(WEB_TARGET), "--name", w.name])
 
 
 def _backends(mesh: Scenario) -> list[str] | None:
@@ -249,6 +296,42 @@ def test_pod_with_missing_netns_is_reported_not_fatal(mesh: Scenario) -> None:
         assert mesh.app(mesh.shop_client, "probe", "--target", WEB)["ok"]
     finally:
         mesh.manifests.remove("pod-ghost.yaml")
+
+
+def test_pod_whose_netns_vanishes_is_unenrolled(mesh: Scenario) -> None:
+    """The netns is deleted while the manifest stays: the agent must let go of
+    it (not keep a dead pod's netns alive) and say why."""
+    from pyroute2 import netns as pyroute_netns
+
+    pod = mesh.sb.add_pod("short-lived", "shop")
+    mesh.manifests.pod(pod)
+    try:
+        def row() -> dict | None:  # type: ignore[type-arg]
+            return {r["pod"]: r for r in mesh.cli_json("workloads")}.get("shop/short-lived")
+
+        mesh.wait_for(lambda: (row() or {}).get("enrolled"), what="enrolled")
+        pyroute_netns.remove(pod.netns_name)
+        mesh.wait_for(lambda: not (row() or {"enrolled": True})["enrolled"], what="unenrolled")
+        assert "not found" in (row() or {})["reason"]
+    finally:
+        mesh.manifests.remove(f"pod-shop-{pod.name}.yaml")
+
+
+def test_netns_annotation_that_is_not_a_netns(mesh: Scenario) -> None:
+    odd = {"apiVersion": "v1", "kind": "Pod",
+           "metadata": {"name": "odd", "namespace": "shop",
+                        "annotations": {"nodemesh.io/netns": "/etc/hostname"}},
+           "spec": {"nodeName": "node-1"}, "status": {"podIP": "198.18.0.251"}}
+    mesh.manifests.write("pod-odd.yaml", odd)
+    try:
+        def reason() -> str | None:
+            row = {r["pod"]: r for r in mesh.cli_json("workloads")}.get("shop/odd")
+            return row["reason"] if row and "not a network namespace" in row["reason"] else None
+
+        mesh.wait_for(reason, what="odd pod reported")
+        assert mesh.app(mesh.shop_client, "probe", "--target", WEB)["ok"]
+    finally:
+        mesh.manifests.remove("pod-odd.yaml")
 
 
 def test_cli_tables_render(mesh: Scenario) -> None:

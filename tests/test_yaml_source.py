@@ -135,3 +135,16 @@ items:
     src = YamlDirectorySource(tmp_path)
     src.poll()
     assert list(src.registry.namespaces) == ["a"] and src.problems == ()
+
+
+def test_binary_and_absurdly_nested_files_are_problems_not_crashes(tmp_path: Path) -> None:
+    write(tmp_path, "ns.yaml", NS)
+    (tmp_path / "binary.yaml").write_bytes(b"kind: Pod\n\xff\xfe\x00garbage")
+    write(tmp_path, "deep.yaml", "[" * 5000)
+    src = YamlDirectorySource(tmp_path)
+    src.poll()
+    assert "shop" in src.registry.namespaces
+    msgs = sorted(str(p) for p in src.problems)
+    assert len(msgs) == 2
+    assert "binary.yaml" in msgs[0] and "UTF-8" in msgs[0]
+    assert "deep.yaml" in msgs[1]
