@@ -67,6 +67,13 @@ def _ip(value: Any, what: str) -> str:
         raise ManifestError(f"{what} {value!r} is not an IPv4 address") from None
 
 
+def _any_ip(value: Any, what: str) -> str:
+    try:
+        return str(ipaddress.ip_address(str(value)))
+    except ValueError:
+        raise ManifestError(f"{what} {value!r} is not an IP address") from None
+
+
 def _port(value: Any, what: str) -> int:
     if not isinstance(value, int) or not 0 < value < 65536:
         raise ManifestError(f"{what} {value!r} is not a port number (1-65535)")
@@ -77,7 +84,9 @@ def _service(doc: dict[str, Any]) -> Service:
     name, ns, _ = _meta(doc)
     spec = doc.get("spec") or {}
     cip = spec.get("clusterIP")
-    cluster_ip = None if cip in (None, "", "None") else _ip(cip, f"Service {ns}/{name} clusterIP")
+    # Any IP family here: whether a consumer can use an IPv6 VIP is its own
+    # call (the agent NACKs one today; Envoy would not).
+    cluster_ip = None if cip in (None, "", "None") else _any_ip(cip, f"Service {ns}/{name} clusterIP")
     ports = []
     for p in spec.get("ports") or []:
         port = _port(p.get("port"), f"Service {ns}/{name} port")

@@ -24,6 +24,7 @@ WEB_TARGET = 8080
 ECHO_VIP = "198.19.0.11"
 ECHO_PORT = 7
 ECHO_TARGET = 7007
+CP_LISTEN = "127.0.0.1:15010"  # in the node netns
 PY = sys.executable
 NODEMESH = str(Path(sys.executable).with_name("nodemesh"))
 
@@ -35,6 +36,7 @@ class Scenario:
         self.manifests = ManifestDir(self.dir, NODE_NAME)
         self.instance = sandbox.agent_instance()
         self.agent: subprocess.Popen[str] | None = None
+        self.control_plane: subprocess.Popen[str] | None = None
         self.agent_log = sandbox.workdir / "agent.log"
         self.agent_args = agent_args
         self.servers: dict[str, subprocess.Popen[str]] = {}
@@ -80,15 +82,39 @@ class Scenario:
         proc = self.servers.pop(pod.key)
         stop_processes([proc])
 
+    # -- an external control plane (the agent embeds one unless told otherwise) -----
+    def start_control_plane(self, listen: str = CP_LISTEN, config_dir: Path | None = None) -> None:
+        """`nodemesh control-plane` in the node netns, where the agent runs."""
+        assert self.sb.node is not None
+        log = open(self.sb.workdir / "control-plane.log", "a")
+        self.control_plane = self.sb.node.spawn(
+            [NODEMESH, "control-plane", "--config-dir", str(config_dir or self.dir),
+             "--listen", listen], stdout=log, stderr=subprocess.STDOUT, text=True)
+        log.close()
+
+    def stop_control_plane(self) -> int | None:
+        if self.control_plane is None:
+            return None
+        stop_processes([self.control_plane])
+        rc = self.control_plane.returncode
+        self.control_plane = None
+        return rc
+
+    def control_plane_log(self) -> str:
+        try:
+            return (self.sb.workdir / "control-plane.log").read_text()
+        except OSError:
+            return ""
+
     # -- the agent --------------------------------------------------------------
     def agent_argv(self) -> list[str]:
         return [NODEMESH, "agent", "--instance", self.instance, "--node-name", NODE_NAME,
                 "--config-dir", str(self.dir), "--cgroup-root", str(self.sb.pods_cgroup),
                 *self.agent_args]
 
-    def start_agent(self, timeout: float = 30) -> None:
+    def start_agent(self, timeout: float = 30, wait_ready: bool = True) -> None:
         assert self.sb.node is not None
-        log = open(self.agent_log, "w")
+        log = open(self.agent_log, "a")
         self.agent = self.sb.node.spawn(self.agent_argv(), stdout=log, stderr=subprocess.STDOUT,
                                         text=True)
         log.close()
@@ -97,7 +123,7 @@ class Scenario:
             if self.agent.poll() is not None:
                 raise RuntimeError(f"agent exited with {self.agent.returncode}:\n{self.log_text()}")
             res = self.cli("status", "-o", "json", check=False)
-            if res.returncode == 0 and json.loads(res.stdout).get("ready"):
+            if res.returncode == 0 and (json.loads(res.stdout).get("ready") or not wait_ready):
                 return
             time.sleep(0.1)
         raise RuntimeError(f"agent not ready after {timeout}s:\n{self.log_text()}")
