@@ -59,6 +59,8 @@ def test_unusable_resource_is_nacked_and_the_last_good_config_keeps_serving(
     assert "NACK" in table and "IPv6" in table
     log = sc.log_text()
     assert "rejected listeners" in log and "Traceback" not in log
+    # The (embedded) control plane logs the NACK with the client and its count.
+    assert f"xDS NACK from node 'nodemesh~node-1~{sc.instance}'" in log and "NACK #1" in log
     # The operator fixes it: the next version is good and ACKed.
     sc.manifests.remove("svc-shop-v6only.yaml")
     sc.wait_for(lambda: _last(sc, "listeners").get("status") == "ACK", what="the ACK")
