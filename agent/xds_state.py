@@ -185,7 +185,7 @@ def _listener_cluster(lis: listener_pb2.Listener, routes: Mapping[str, message.M
                     return r.route.cluster
                 if r.route.weighted_clusters.clusters:
                     return r.route.weighted_clusters.clusters[0].name
-        raise Rejected(f"route {route.name}: no route names a cluster")
+        return None  # only direct responses: nothing for an L4 proxy to forward to
     raise Rejected(f"listener {lis.name}: filter {flt.name or flt.typed_config.type_url} "
                    "is not supported (tcp_proxy or http_connection_manager)")
 

@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
+from controlplane.traffic import HttpRoute, TrafficPolicy
+
 MESH_LABEL = "nodemesh.io/mesh"
 NETNS_ANNOTATION = "nodemesh.io/netns"
 
@@ -91,6 +93,15 @@ class Registry:
     pods: Mapping[str, Pod] = field(default_factory=lambda: MappingProxyType({}))
     services: Mapping[str, Service] = field(default_factory=lambda: MappingProxyType({}))
     endpoint_sets: tuple[EndpointSet, ...] = ()
+    routes: tuple[HttpRoute, ...] = ()  # HTTPRoute/GRPCRoute attached to Services
+    policies: Mapping[str, TrafficPolicy] = field(default_factory=lambda: MappingProxyType({}))
+
+    def routes_for(self, service: Service, port: int) -> list[HttpRoute]:
+        """The routes attached to one port of a service (a parentRef without a port
+        attaches to all of them)."""
+        return [r for r in self.routes
+                if any(p.namespace == service.namespace and p.service == service.name
+                       and p.port in (None, port) for p in r.parents)]
 
     def endpoints_of(self, service: Service) -> tuple[Endpoint, ...]:
         out: list[Endpoint] = []

@@ -19,22 +19,32 @@ from types import MappingProxyType
 
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, health_check_pb2
+from envoy.config.core.v3 import base_pb2 as core_base
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import api_listener_pb2, listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.config.route.v3 import route_components_pb2 as rc
+from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
+from envoy.type.matcher.v3 import regex_pb2, string_pb2
+from envoy.type.v3 import percent_pb2, token_bucket_pb2
 from google.protobuf import any_pb2, duration_pb2, message, struct_pb2, wrappers_pb2
 
 from controlplane import naming
 from controlplane.registry import Endpoint, Registry, Service, ServicePort
+from controlplane.traffic import BackendRef, HttpRoute, RouteMatch, RouteRule, TrafficPolicy
 
 TCP_PROXY = "envoy.filters.network.tcp_proxy"
 HCM = "envoy.filters.network.http_connection_manager"
 ROUTER = "envoy.filters.http.router"
+LOCAL_RATELIMIT = "envoy.filters.http.local_ratelimit"
+LB_POLICY = {"RoundRobin": cluster_pb2.Cluster.ROUND_ROBIN,
+             "LeastRequest": cluster_pb2.Cluster.LEAST_REQUEST,
+             "Random": cluster_pb2.Cluster.RANDOM, "RingHash": cluster_pb2.Cluster.RING_HASH}
 METADATA_KEY = "nodemesh"
 
 
@@ -103,9 +113,16 @@ def _metadata(svc: Service, port: ServicePort, protocol: str) -> base_pb2.Metada
     return base_pb2.Metadata(filter_metadata={METADATA_KEY: fields})
 
 
-def _cluster(svc: Service, port: ServicePort, protocol: str) -> cluster_pb2.Cluster:
+def _seconds(value: float) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    d.FromNanoseconds(int(round(value * 1e9)))
+    return d
+
+
+def _cluster(svc: Service, port: ServicePort, protocol: str,
+             policy: TrafficPolicy | None) -> cluster_pb2.Cluster:
     name = naming.cluster_name(svc.name, svc.namespace, port.port)
-    return cluster_pb2.Cluster(
+    c = cluster_pb2.Cluster(
         name=name,
         type=cluster_pb2.Cluster.EDS,
         eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=_ads(),
@@ -114,6 +131,43 @@ def _cluster(svc: Service, port: ServicePort, protocol: str) -> cluster_pb2.Clus
         lb_policy=cluster_pb2.Cluster.ROUND_ROBIN,
         metadata=_metadata(svc, port, protocol),
     )
+    if policy is not None:
+        _apply_policy(c, policy)
+    return c
+
+
+def _apply_policy(c: cluster_pb2.Cluster, policy: TrafficPolicy) -> None:
+    """TrafficPolicy fields onto the Envoy Cluster fields of the same meaning."""
+    lb = policy.load_balancer
+    if lb is not None:
+        c.lb_policy = LB_POLICY[lb.policy]
+        if lb.policy == "LeastRequest":
+            c.least_request_lb_config.choice_count.value = lb.choice_count
+        if lb.policy == "RingHash":
+            c.ring_hash_lb_config.minimum_ring_size.value = lb.minimum_ring_size
+    cb = policy.circuit_breaker
+    if cb is not None:
+        t = c.circuit_breakers.thresholds.add()
+        t.priority = core_base.DEFAULT
+        t.max_connections.value = cb.max_connections
+        t.max_pending_requests.value = cb.max_pending_requests
+        t.max_requests.value = cb.max_requests
+        t.max_retries.value = cb.max_retries
+        if cb.retry_budget_percent is not None:
+            t.retry_budget.budget_percent.value = cb.retry_budget_percent
+        if cb.min_retry_concurrency is not None:
+            t.retry_budget.min_retry_concurrency.value = cb.min_retry_concurrency
+    od = policy.outlier_detection
+    if od is not None:
+        o = c.outlier_detection
+        o.consecutive_5xx.value = od.consecutive_5xx
+        if od.consecutive_gateway_errors is not None:
+            o.consecutive_gateway_failure.value = od.consecutive_gateway_errors
+            o.enforcing_consecutive_gateway_failure.value = 100
+        o.interval.CopyFrom(_seconds(od.interval))
+        o.base_ejection_time.CopyFrom(_seconds(od.base_ejection_time))
+        o.max_ejection_time.CopyFrom(_seconds(od.max_ejection_time))
+        o.max_ejection_percent.value = od.max_ejection_percent
 
 
 def _target_port(port: ServicePort, ep: Endpoint) -> int | None:
@@ -154,7 +208,13 @@ def _hcm(svc: Service, port: ServicePort) -> hcm_pb2.HttpConnectionManager:
         stat_prefix=naming.cluster_name(svc.name, svc.namespace, port.port),
         rds=hcm_pb2.Rds(config_source=_ads(),
                         route_config_name=naming.route_name(svc.name, svc.namespace, port.port)),
-        http_filters=[hcm_pb2.HttpFilter(name=ROUTER, typed_config=_pack(router_pb2.Router()))])
+        # The rate limit filter is off unless a route enables it (per-route
+        # config). Optional, so that clients without it (proxyless gRPC) skip it
+        # rather than NACK the listener.
+        http_filters=[
+            hcm_pb2.HttpFilter(name=LOCAL_RATELIMIT, is_optional=True, typed_config=_pack(
+                local_rate_limit_pb2.LocalRateLimit(stat_prefix="http_local_rate_limiter"))),
+            hcm_pb2.HttpFilter(name=ROUTER, typed_config=_pack(router_pb2.Router()))])
 
 
 def _pack(msg: message.Message) -> any_pb2.Any:
@@ -188,20 +248,132 @@ def _api_listener(svc: Service, port: ServicePort) -> listener_pb2.Listener:
         api_listener=api_listener_pb2.ApiListener(api_listener=_pack(_hcm(svc, port))))
 
 
-def _route(svc: Service, port: ServicePort) -> route_pb2.RouteConfiguration:
+def _match(m: RouteMatch) -> rc.RouteMatch:
+    out = rc.RouteMatch()
+    if m.path_kind == "Exact":
+        out.path = m.path
+    elif m.path_kind == "RegularExpression":
+        out.safe_regex.CopyFrom(regex_pb2.RegexMatcher(regex=m.path))
+    else:
+        out.prefix = m.path
+    for h in m.headers:
+        sm = string_pb2.StringMatcher(exact=h.value) if h.kind == "Exact" else \
+            string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(regex=h.value))
+        out.headers.add(name=h.name, string_match=sm)
+    if m.method:
+        out.headers.add(name=":method", string_match=string_pb2.StringMatcher(exact=m.method))
+    return out
+
+
+def _precedence(m: RouteMatch) -> tuple[int, int, int, int]:
+    """Gateway API's order: exact path, then longest prefix, then method, then
+    more header matches (regexes last: the spec leaves them to the implementation)."""
+    kind = {"Exact": 0, "PathPrefix": 1, "RegularExpression": 2}[m.path_kind]
+    return (kind, -len(m.path), 0 if m.method else 1, -len(m.headers))
+
+
+def _retry_policy(rule: RouteRule) -> rc.RetryPolicy | None:
+    r = rule.retry
+    if r is None or r.attempts == 0:
+        return None
+    on = list(r.on)
+    if r.codes:
+        on.append("retriable-status-codes")
+    on += list(r.grpc_codes)
+    p = rc.RetryPolicy(retry_on=",".join(dict.fromkeys(on or ["5xx"])), retriable_status_codes=r.codes)
+    p.num_retries.value = r.attempts
+    if r.per_try_timeout is not None:
+        p.per_try_timeout.CopyFrom(_seconds(r.per_try_timeout))
+    return p
+
+
+def _hash_policies(policy: TrafficPolicy | None) -> list[rc.RouteAction.HashPolicy]:
+    lb = policy.load_balancer if policy else None
+    if lb is None or lb.policy != "RingHash":
+        return []
+    if lb.hash_header:
+        return [rc.RouteAction.HashPolicy(header=rc.RouteAction.HashPolicy.Header(
+            header_name=lb.hash_header))]
+    if lb.hash_cookie:
+        return [rc.RouteAction.HashPolicy(cookie=rc.RouteAction.HashPolicy.Cookie(
+            name=lb.hash_cookie))]
+    return [rc.RouteAction.HashPolicy(connection_properties=rc.RouteAction.HashPolicy
+                                      .ConnectionProperties(source_ip=True))]
+
+
+def _action(rule: RouteRule, default_port: int, hashes: list[rc.RouteAction.HashPolicy],
+            route: rc.Route) -> None:
+    weighted = [(naming.cluster_name(b.service, b.namespace, b.port or default_port), b.weight)
+                for b in rule.backends if b.weight > 0]
+    if not weighted:
+        # Gateway API: a rule with no usable backend answers 500.
+        route.direct_response.status = 500
+        return
+    action = route.route
+    if len(weighted) == 1:
+        action.cluster = weighted[0][0]
+    else:
+        for name, weight in weighted:
+            action.weighted_clusters.clusters.add(name=name).weight.value = weight
+    # No timeout unless asked (Envoy's default of 15 s would surprise a mesh user).
+    action.timeout.CopyFrom(_seconds(rule.timeout or 0.0))
+    retry = _retry_policy(rule)
+    if retry is not None:
+        action.retry_policy.CopyFrom(retry)
+    action.hash_policy.extend(hashes)
+
+
+def _routes(svc: Service, port: ServicePort, attached: list[HttpRoute],
+            policy: TrafficPolicy | None) -> list[rc.Route]:
+    hashes = _hash_policies(policy)
+    if not attached:
+        default = rc.Route(name="default", match=rc.RouteMatch(prefix="/"))
+        _action(RouteRule(matches=(), backends=(BackendRef(svc.name, svc.namespace, port.port),)),
+                port.port, hashes, default)
+        return [default]
+    entries = []
+    for r in attached:
+        for i, rule in enumerate(r.rules):
+            for m in rule.matches:
+                entries.append((_precedence(m), r.key, i, m, rule))
+    out = []
+    for _, key, i, m, rule in sorted(entries, key=lambda e: (e[0], e[1], e[2])):
+        route = rc.Route(name=f"{key}/rule-{i}", match=_match(m))
+        _action(rule, port.port, hashes, route)
+        out.append(route)
+    return out
+
+
+def _rate_limit(policy: TrafficPolicy | None) -> dict[str, any_pb2.Any]:
+    if policy is None or policy.rate_limit is None:
+        return {}
+    rl = policy.rate_limit
+    cfg = local_rate_limit_pb2.LocalRateLimit(
+        stat_prefix="http_local_rate_limiter",
+        token_bucket=token_bucket_pb2.TokenBucket(
+            max_tokens=rl.max_tokens, tokens_per_fill=wrappers_pb2.UInt32Value(value=rl.tokens_per_fill),
+            fill_interval=_seconds(rl.fill_interval)))
+    full = percent_pb2.FractionalPercent(numerator=100, denominator=percent_pb2.FractionalPercent.HUNDRED)
+    cfg.filter_enabled.default_value.CopyFrom(full)
+    cfg.filter_enforced.default_value.CopyFrom(full)
+    return {LOCAL_RATELIMIT: _pack(cfg)}
+
+
+def _route(svc: Service, port: ServicePort, attached: list[HttpRoute],
+           policy: TrafficPolicy | None) -> route_pb2.RouteConfiguration:
     host = naming.host(svc.name, svc.namespace)
     domains = [host, f"{host}:{port.port}", f"{svc.name}.{svc.namespace}",
                f"{svc.name}.{svc.namespace}:{port.port}", svc.name, f"{svc.name}:{port.port}"]
     if svc.cluster_ip:
         domains += [svc.cluster_ip, f"{svc.cluster_ip}:{port.port}"]
-    return route_pb2.RouteConfiguration(
-        name=naming.route_name(svc.name, svc.namespace, port.port),
-        virtual_hosts=[route_components_pb2.VirtualHost(
-            name=f"{host}:{port.port}", domains=domains,
-            routes=[route_components_pb2.Route(
-                match=route_components_pb2.RouteMatch(prefix="/"),
-                route=route_components_pb2.RouteAction(
-                    cluster=naming.cluster_name(svc.name, svc.namespace, port.port)))])])
+    vh = route_components_pb2.VirtualHost(name=f"{host}:{port.port}", domains=domains,
+                                          routes=_routes(svc, port, attached, policy))
+    for name, cfg in _rate_limit(policy).items():
+        # Wrapped as optional for the same reason as the filter itself.
+        vh.typed_per_filter_config[name].CopyFrom(
+            _pack(route_components_pb2.FilterConfig(config=cfg, is_optional=True)))
+    return route_pb2.RouteConfiguration(name=naming.route_name(svc.name, svc.namespace, port.port),
+                                        virtual_hosts=[vh])
 
 
 def translate(registry: Registry) -> Snapshot:
@@ -218,7 +390,8 @@ def translate(registry: Registry) -> Snapshot:
                 continue
             protocol = protocol_of(port)
             cname = naming.cluster_name(svc.name, svc.namespace, port.port)
-            add(naming.CLUSTER, cname, _cluster(svc, port, protocol))
+            policy = registry.policies.get(svc.key)
+            add(naming.CLUSTER, cname, _cluster(svc, port, protocol, policy))
             add(naming.ENDPOINT, cname, _load_assignment(svc, port, endpoints))
             if svc.cluster_ip is not None:
                 lis = _vip_listener(svc, port, protocol)
@@ -226,6 +399,6 @@ def translate(registry: Registry) -> Snapshot:
             if protocol != "tcp":
                 api = _api_listener(svc, port)
                 add(naming.LISTENER, api.name, api)
-                route = _route(svc, port)
+                route = _route(svc, port, registry.routes_for(svc, port.port), policy)
                 add(naming.ROUTE, route.name, route)
     return Snapshot(MappingProxyType({t: MappingProxyType(r) for t, r in out.items()}))

@@ -17,6 +17,8 @@ from typing import Any
 
 import yaml
 
+from controlplane.errors import ManifestError
+from controlplane.gateway_api import parse_policy, parse_route
 from controlplane.registry import (
     Endpoint,
     EndpointSet,
@@ -27,14 +29,11 @@ from controlplane.registry import (
     ServicePort,
     frozen_map,
 )
+from controlplane.traffic import HttpRoute, TrafficPolicy
 from nodemesh.errors import UserError
 
 SUFFIXES = (".yaml", ".yml")
 Objects = tuple[Any, ...]
-
-
-class ManifestError(ValueError):
-    """A manifest that does not describe a usable object."""
 
 
 @dataclass(frozen=True)
@@ -165,6 +164,12 @@ def parse_documents(docs: Iterable[Any], source: str) -> Objects:
             out.append(_endpoint_slice(doc))
         elif kind == "Endpoints":
             out.append(_endpoints(doc))
+        elif kind in ("HTTPRoute", "GRPCRoute"):
+            name, ns, _ = _meta(doc)
+            out.append(parse_route(doc, ns, name))
+        elif kind == "TrafficPolicy":
+            name, ns, _ = _meta(doc)
+            out.append(parse_policy(doc, ns, name))
         # Other kinds (Deployments, ConfigMaps, ...) are not ours to read.
     return tuple(out)
 
@@ -196,6 +201,8 @@ def build_registry(objects: Iterable[Any]) -> Registry:
     pods: dict[str, Pod] = {}
     services: dict[str, Service] = {}
     sets: list[EndpointSet] = []
+    routes: list[HttpRoute] = []
+    policies: dict[str, TrafficPolicy] = {}
     for obj in objects:
         if isinstance(obj, Namespace):
             namespaces[obj.name] = obj
@@ -205,8 +212,18 @@ def build_registry(objects: Iterable[Any]) -> Registry:
             services[obj.key] = obj
         elif isinstance(obj, EndpointSet):
             sets.append(obj)
+        elif isinstance(obj, HttpRoute):
+            routes.append(obj)
+        elif isinstance(obj, TrafficPolicy):
+            # Two policies for one Service: the first by name wins, as
+            # Gateway API policy attachment resolves conflicts.
+            cur = policies.get(obj.service_key)
+            if cur is None or obj.name < cur.name:
+                policies[obj.service_key] = obj
     return Registry(namespaces=MappingProxyType(namespaces), pods=MappingProxyType(pods),
-                    services=MappingProxyType(services), endpoint_sets=tuple(sets))
+                    services=MappingProxyType(services), endpoint_sets=tuple(sets),
+                    routes=tuple(sorted(routes, key=lambda r: r.key)),
+                    policies=MappingProxyType(policies))
 
 
 class YamlDirectorySource:

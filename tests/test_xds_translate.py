@@ -15,7 +15,7 @@ from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 
 from controlplane import naming
 from controlplane.registry import Service, ServicePort
-from controlplane.translate import HCM, ROUTER, TCP_PROXY, protocol_of
+from controlplane.translate import HCM, LOCAL_RATELIMIT, ROUTER, TCP_PROXY, protocol_of
 from tests.xds_fixtures import (
     CDS,
     DB,
@@ -78,7 +78,7 @@ def test_opaque_ports_get_tcp_proxy_and_http_and_grpc_ports_get_hcm_with_rds() -
         assert flt.typed_config.Unpack(hcm)
         assert hcm.rds.route_config_name == f"{svc}.shop.svc.cluster.local:{port}"
         assert hcm.rds.config_source.HasField("ads")
-        assert [f.name for f in hcm.http_filters] == [ROUTER]
+        assert [f.name for f in hcm.http_filters] == [LOCAL_RATELIMIT, ROUTER]  # router last
         assert hcm.http_filters[-1].typed_config.Is(router_pb2.Router.DESCRIPTOR)
         rc = snap.of(RDS)[hcm.rds.route_config_name].message
         vh = rc.virtual_hosts[0]

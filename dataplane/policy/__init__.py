@@ -1,0 +1,1 @@
+"""Resilience policies of the node proxy, sans-IO with time passed in: breakers, ejection, retries, limits."""

@@ -1,0 +1,1 @@
+"""Protocol codecs: sans-IO state machines, bytes in, events out."""
