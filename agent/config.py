@@ -21,6 +21,7 @@ class AgentConfig:
     state_dir: Path | None = None  # where the last good xDS config is kept
     poll_interval: float = 0.25
     connect_timeout: float = 1.0
+    sniff_window: float = 0.1  # how long an undeclared port waits for a client's first bytes
 
     @property
     def config_store_path(self) -> Path:

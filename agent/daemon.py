@@ -26,8 +26,10 @@ from agent.xds_client import XdsClient
 from agent.xds_state import XdsConfig
 from controlplane.yaml_source import YamlDirectorySource
 from dataplane.flows import FlowTable
+from dataplane.http1_proxy import Http1Proxy
 from dataplane.outbound import OutboundProxy
 from dataplane.services import ServiceTable
+from dataplane.upstreams import Upstreams
 from nodemesh.errors import UserError
 
 log = logging.getLogger("nodemesh.agent")
@@ -46,7 +48,10 @@ class Agent:
         self.source = YamlDirectorySource(config.config_dir)
         self.bpf = BpfDatapath(config.instance, config.cgroup_root)
         self.flows = FlowTable()
-        self.proxy = OutboundProxy(self.bpf.take_orig_dst, self.flows, config.connect_timeout)
+        self.upstreams = Upstreams()
+        self.http = Http1Proxy(self.upstreams, config.connect_timeout)
+        self.proxy = OutboundProxy(self.bpf.take_orig_dst, self.flows, config.connect_timeout,
+                                   http=self.http, sniff_window=config.sniff_window)
         self.enroller = Enroller(self.proxy, self.bpf)
         self.embedded = config.xds_address is None
         address = config.xds_address or f"unix:{config.instance.run_dir / 'xds.sock'}"
@@ -66,6 +71,7 @@ class Agent:
     def _apply_services(self, _config: XdsConfig, table: ServiceTable) -> None:
         # The proxy learns a new service before BPF redirects to it; a connect
         # to a removed one caught in between is reset, as it should be.
+        self.upstreams.sync(table)
         self.proxy.set_table(table)
         try:
             self.bpf.sync_services(table.bpf_entries())
@@ -119,6 +125,7 @@ class Agent:
                 with contextlib.suppress(BaseException):
                     await t
             await self.enroller.remove_all()
+            self.upstreams.close_idle()
             if runner is not None:
                 await runner.cleanup()
             self.config.instance.admin_socket.unlink(missing_ok=True)
@@ -176,4 +183,5 @@ class Agent:
             ],
             "proxy": dict(self.proxy.stats, active_flows=len(self.flows),
                           total_flows=self.flows.total_opened),
+            "http": dict(self.http.stats),
         }

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -18,15 +19,26 @@ from typing import Any
 from envoy.config.cluster.v3 import cluster_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
+from envoy.config.route.v3 import route_components_pb2 as rc_pb2
 from envoy.config.route.v3 import route_pb2
+from envoy.extensions.filters.http.local_ratelimit.v3 import local_rate_limit_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
+from envoy.type.matcher.v3 import string_pb2
 from google.protobuf import any_pb2, json_format, message
 
 from controlplane import naming
-from dataplane.services import Backend, ServiceEntry, ServiceTable
+from controlplane.translate import LOCAL_RATELIMIT
+from dataplane.backend import Backend
+from dataplane.balancers import HashPolicy, LeastRequestConfig, RingHashConfig
+from dataplane.policy.circuit_breaker import CircuitBreakerConfig
+from dataplane.policy.outlier import OutlierConfig
+from dataplane.policy.ratelimit import TokenBucketConfig
+from dataplane.policy.retry import RetryBudget, RetryPolicy
+from dataplane.routing import HeaderMatcher, Route, RouteAction, RouteTable, WeightedCluster
+from dataplane.services import ClusterConfig, ServiceEntry, ServiceTable
 
 MESSAGE_TYPES: dict[str, type[message.Message]] = {
     naming.CLUSTER: cluster_pb2.Cluster,
@@ -36,6 +48,7 @@ MESSAGE_TYPES: dict[str, type[message.Message]] = {
 }
 USABLE_HEALTH = (0, 1)  # UNKNOWN, HEALTHY
 SUPPORTED_CLUSTER_TYPES = (cluster_pb2.Cluster.EDS, cluster_pb2.Cluster.STATIC)
+SUPPORTED_LB = ("ROUND_ROBIN", "LEAST_REQUEST", "RING_HASH", "RANDOM")
 
 
 class Rejected(ValueError):
@@ -156,38 +169,145 @@ def _ipv4(addr: str, what: str) -> str:
     return str(ip)
 
 
-def _listener_cluster(lis: listener_pb2.Listener, routes: Mapping[str, message.Message]) -> str | None:
-    """The cluster a listener sends its traffic to; None while its route is not known yet."""
-    if not lis.filter_chains or not lis.filter_chains[0].filters:
+def _hcm_of(lis: listener_pb2.Listener) -> tuple[hcm_pb2.HttpConnectionManager | None, str | None, bool]:
+    """(HTTP connection manager, tcp_proxy cluster, whether HTTP is sniffed) of a listener."""
+    if not lis.filter_chains:
         raise Rejected(f"listener {lis.name}: no filter chain")
-    flt = lis.filter_chains[0].filters[-1]
-    if flt.typed_config.Is(tcp_proxy_pb2.TcpProxy.DESCRIPTOR):
-        tcp = tcp_proxy_pb2.TcpProxy()
-        flt.typed_config.Unpack(tcp)
-        if tcp.cluster:
-            return tcp.cluster
-        if tcp.weighted_clusters.clusters:
-            return tcp.weighted_clusters.clusters[0].name
-        raise Rejected(f"listener {lis.name}: tcp_proxy names no cluster")
-    if flt.typed_config.Is(hcm_pb2.HttpConnectionManager.DESCRIPTOR):
-        hcm = hcm_pb2.HttpConnectionManager()
-        flt.typed_config.Unpack(hcm)
-        if hcm.HasField("route_config"):
-            route: message.Message | None = hcm.route_config
+    hcm: hcm_pb2.HttpConnectionManager | None = None
+    tcp_cluster: str | None = None
+    sniffed = False
+    for chain in lis.filter_chains:
+        if not chain.filters:
+            raise Rejected(f"listener {lis.name}: filter chain {chain.name!r} has no filter")
+        flt = chain.filters[-1]
+        if flt.typed_config.Is(tcp_proxy_pb2.TcpProxy.DESCRIPTOR):
+            tcp = tcp_proxy_pb2.TcpProxy()
+            flt.typed_config.Unpack(tcp)
+            tcp_cluster = tcp.cluster or (tcp.weighted_clusters.clusters[0].name
+                                          if tcp.weighted_clusters.clusters else None)
+            if tcp_cluster is None:
+                raise Rejected(f"listener {lis.name}: tcp_proxy names no cluster")
+        elif flt.typed_config.Is(hcm_pb2.HttpConnectionManager.DESCRIPTOR):
+            hcm = hcm_pb2.HttpConnectionManager()
+            flt.typed_config.Unpack(hcm)
+            sniffed = bool(chain.filter_chain_match.application_protocols)
         else:
-            route = routes.get(hcm.rds.route_config_name)
-        if route is None:
-            return None
-        assert isinstance(route, route_pb2.RouteConfiguration)
-        for vh in route.virtual_hosts:
-            for r in vh.routes:
-                if r.route.cluster:
-                    return r.route.cluster
-                if r.route.weighted_clusters.clusters:
-                    return r.route.weighted_clusters.clusters[0].name
-        return None  # only direct responses: nothing for an L4 proxy to forward to
-    raise Rejected(f"listener {lis.name}: filter {flt.name or flt.typed_config.type_url} "
-                   "is not supported (tcp_proxy or http_connection_manager)")
+            raise Rejected(f"listener {lis.name}: filter {flt.name or flt.typed_config.type_url} "
+                           "is not supported (tcp_proxy or http_connection_manager)")
+    return hcm, tcp_cluster, sniffed and tcp_cluster is not None
+
+
+def _string_matcher(name: str, sm: string_pb2.StringMatcher, where: str) -> HeaderMatcher:
+    which = sm.WhichOneof("match_pattern")
+    if which == "exact":
+        return HeaderMatcher(name=name, exact=sm.exact)
+    if which == "safe_regex":
+        return HeaderMatcher(name=name, regex=_regex(sm.safe_regex.regex, where))
+    raise Rejected(f"{where}: header match {which} is not supported (exact, safe_regex)")
+
+
+def _regex(pattern: str, where: str) -> re.Pattern[str]:
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise Rejected(f"{where}: regex {pattern!r} does not compile: {exc}") from None
+
+
+def _route(r: rc_pb2.Route, where: str) -> Route:
+    m = r.match
+    kw: dict[str, Any] = {}
+    which = m.WhichOneof("path_specifier")
+    if which == "prefix":
+        kw["prefix"] = m.prefix
+    elif which == "path":
+        kw["path"] = m.path
+    elif which == "path_separated_prefix":
+        kw["separated_prefix"] = m.path_separated_prefix
+    elif which == "safe_regex":
+        kw["regex"] = _regex(m.safe_regex.regex, where)
+    else:
+        raise Rejected(f"{where}: path match {which} is not supported")
+    headers = []
+    for h in m.headers:
+        name = h.name.lower()
+        if h.HasField("string_match"):
+            headers.append(_string_matcher(name, h.string_match, where))
+        elif h.present_match:
+            headers.append(HeaderMatcher(name=name, present=True))
+        else:
+            raise Rejected(f"{where}: header matcher for {h.name} is not supported")
+    which = r.WhichOneof("action")
+    if which == "direct_response":
+        return Route(name=r.name, action=RouteAction(direct_status=r.direct_response.status),
+                     headers=tuple(headers), **kw)
+    if which != "route":
+        raise Rejected(f"{where}: route action {which} is not supported (route, direct_response)")
+    a = r.route
+    if a.cluster:
+        clusters: tuple[WeightedCluster, ...] = (WeightedCluster(a.cluster, 1),)
+    elif a.weighted_clusters.clusters:
+        clusters = tuple(WeightedCluster(c.name, c.weight.value) for c in a.weighted_clusters.clusters)
+    else:
+        raise Rejected(f"{where}: the route names no cluster")
+    retry = None
+    if a.HasField("retry_policy"):
+        rp = a.retry_policy
+        try:
+            retry = RetryPolicy.from_envoy(
+                rp.retry_on, rp.num_retries.value if rp.HasField("num_retries") else 1,
+                rp.per_try_timeout.ToNanoseconds() / 1e9 if rp.HasField("per_try_timeout") else None,
+                frozenset(rp.retriable_status_codes))
+        except ValueError as exc:
+            raise Rejected(f"{where}: {exc}") from None
+    hashes = []
+    for hp in a.hash_policy:
+        kind = hp.WhichOneof("policy_specifier")
+        if kind == "header":
+            hashes.append(HashPolicy.header(hp.header.header_name.lower(), hp.terminal))
+        elif kind == "cookie":
+            hashes.append(HashPolicy.cookie(hp.cookie.name, hp.terminal))
+        elif kind == "connection_properties" and hp.connection_properties.source_ip:
+            hashes.append(HashPolicy.source_ip(hp.terminal))
+        else:
+            raise Rejected(f"{where}: hash policy {kind} is not supported")
+    timeout = a.timeout.ToNanoseconds() / 1e9 if a.HasField("timeout") else None
+    action = RouteAction(clusters=clusters, timeout=timeout or None, retry=retry,
+                         hash_policies=tuple(hashes))
+    return Route(name=r.name, action=action, headers=tuple(headers), **kw)
+
+
+def _rate_limit(vh: rc_pb2.VirtualHost, where: str) -> TokenBucketConfig | None:
+    packed = vh.typed_per_filter_config.get(LOCAL_RATELIMIT)
+    if packed is None:
+        return None
+    if packed.Is(rc_pb2.FilterConfig.DESCRIPTOR):
+        wrapper = rc_pb2.FilterConfig()
+        packed.Unpack(wrapper)
+        packed = wrapper.config
+    cfg = local_rate_limit_pb2.LocalRateLimit()
+    if not packed.Unpack(cfg):
+        raise Rejected(f"{where}: {LOCAL_RATELIMIT} config is not a LocalRateLimit")
+    if not cfg.HasField("token_bucket"):
+        return None
+    tb = cfg.token_bucket
+    try:
+        return TokenBucketConfig(max_tokens=tb.max_tokens,
+                                 fill_interval=tb.fill_interval.ToNanoseconds() / 1e9,
+                                 tokens_per_fill=tb.tokens_per_fill.value if tb.HasField(
+                                     "tokens_per_fill") else 1)
+    except ValueError as exc:
+        raise Rejected(f"{where}: {exc}") from None
+
+
+def route_table(rc: route_pb2.RouteConfiguration) -> RouteTable:
+    if not rc.virtual_hosts:
+        return RouteTable(name=rc.name)
+    # One virtual host per service port is what our control plane sends; the
+    # VIP already chose the service, so the Host header need not.
+    vh = rc.virtual_hosts[0]
+    where = f"route {rc.name}"
+    routes = tuple(_route(r, f"{where} {r.name or '#' + str(i)}") for i, r in enumerate(vh.routes))
+    return RouteTable(name=rc.name, routes=routes, rate_limit=_rate_limit(vh, where))
 
 
 def _backends(cla: endpoint_pb2.ClusterLoadAssignment) -> tuple[Backend, ...]:
@@ -203,17 +323,84 @@ def _backends(cla: endpoint_pb2.ClusterLoadAssignment) -> tuple[Backend, ...]:
     return tuple(out)
 
 
+def cluster_config(c: cluster_pb2.Cluster, backends: tuple[Backend, ...]) -> ClusterConfig:
+    where = f"cluster {c.name}"
+    if c.type not in SUPPORTED_CLUSTER_TYPES:
+        kind = cluster_pb2.Cluster.DiscoveryType.Name(c.type)
+        raise Rejected(f"{where}: discovery type {kind} is not supported (EDS, STATIC)")
+    policy = cluster_pb2.Cluster.LbPolicy.Name(c.lb_policy)
+    if policy not in SUPPORTED_LB:
+        raise Rejected(f"{where}: lb_policy {policy} is not supported ({', '.join(SUPPORTED_LB)})")
+    parsed = naming.parse_cluster_name(c.name)
+    service = f"{parsed[1]}/{parsed[0]}" if parsed else c.name
+    try:
+        lr = LeastRequestConfig(c.least_request_lb_config.choice_count.value or 2) \
+            if c.HasField("least_request_lb_config") else None
+        rh = RingHashConfig(c.ring_hash_lb_config.minimum_ring_size.value or 1024) \
+            if c.HasField("ring_hash_lb_config") else None
+        cb = CircuitBreakerConfig()
+        for t in c.circuit_breakers.thresholds:
+            if t.priority != 0:
+                continue  # only the DEFAULT priority is routed to
+            d = CircuitBreakerConfig()
+            budget = None
+            if t.HasField("retry_budget"):
+                budget = RetryBudget(
+                    budget_percent=t.retry_budget.budget_percent.value
+                    if t.retry_budget.HasField("budget_percent") else 20.0,
+                    min_retry_concurrency=t.retry_budget.min_retry_concurrency.value
+                    if t.retry_budget.HasField("min_retry_concurrency") else 3)
+            cb = CircuitBreakerConfig(
+                max_connections=t.max_connections.value if t.HasField("max_connections")
+                else d.max_connections,
+                max_pending_requests=t.max_pending_requests.value
+                if t.HasField("max_pending_requests") else d.max_pending_requests,
+                max_requests=t.max_requests.value if t.HasField("max_requests") else d.max_requests,
+                max_retries=t.max_retries.value if t.HasField("max_retries") else d.max_retries,
+                retry_budget=budget)
+        outlier = None
+        if c.HasField("outlier_detection"):
+            o = c.outlier_detection
+            d2 = OutlierConfig()
+
+            def secs(field_name: str, default: float) -> float:
+                return getattr(o, field_name).ToNanoseconds() / 1e9 if o.HasField(field_name) \
+                    else default
+
+            def num(field_name: str, default: int) -> int:
+                return getattr(o, field_name).value if o.HasField(field_name) else default
+
+            outlier = OutlierConfig(
+                consecutive_5xx=num("consecutive_5xx", d2.consecutive_5xx),
+                consecutive_gateway_failure=num("consecutive_gateway_failure",
+                                                d2.consecutive_gateway_failure),
+                enforcing_consecutive_5xx=num("enforcing_consecutive_5xx", d2.enforcing_consecutive_5xx),
+                enforcing_consecutive_gateway_failure=num(
+                    "enforcing_consecutive_gateway_failure", d2.enforcing_consecutive_gateway_failure),
+                interval=secs("interval", d2.interval),
+                base_ejection_time=secs("base_ejection_time", d2.base_ejection_time),
+                max_ejection_time=secs("max_ejection_time", 0.0) or None,
+                max_ejection_percent=num("max_ejection_percent", d2.max_ejection_percent))
+    except ValueError as exc:
+        raise Rejected(f"{where}: {exc}") from None
+    return ClusterConfig(name=c.name, service=service, backends=backends, lb_policy=policy,
+                         least_request=lr, ring_hash=rh, circuit_breaker=cb, outlier=outlier)
+
+
 def to_service_table(config: XdsConfig) -> ServiceTable:
     """Validate the whole config and build the proxy's table from it."""
-    clusters = config.messages(naming.CLUSTER)
     loads = config.messages(naming.ENDPOINT)
-    routes = config.messages(naming.ROUTE)
-    for c in clusters.values():
+    backends_by_name = {name: _backends(cla) for name, cla in loads.items()}  # type: ignore[arg-type]
+    clusters: dict[str, ClusterConfig] = {}
+    for name, c in config.messages(naming.CLUSTER).items():
         assert isinstance(c, cluster_pb2.Cluster)
-        if c.type not in SUPPORTED_CLUSTER_TYPES:
-            kind = cluster_pb2.Cluster.DiscoveryType.Name(c.type)
-            raise Rejected(f"cluster {c.name}: discovery type {kind} is not supported (EDS, STATIC)")
-    backends_by_cluster = {name: _backends(cla) for name, cla in loads.items()}  # type: ignore[arg-type]
+        if c.type == cluster_pb2.Cluster.STATIC:
+            backends = _backends(c.load_assignment)
+        else:
+            backends = backends_by_name.get(c.eds_cluster_config.service_name or name, ())
+        clusters[name] = cluster_config(c, backends)
+    tables = {name: route_table(rc)  # type: ignore[arg-type]
+              for name, rc in config.messages(naming.ROUTE).items()}
     entries: dict[tuple[str, int], ServiceEntry] = {}
     listeners = config.messages(naming.LISTENER)
     for name in sorted(listeners):
@@ -223,21 +410,33 @@ def to_service_table(config: XdsConfig) -> ServiceTable:
             continue  # for proxyless gRPC clients, not for the node proxy
         sa = lis.address.socket_address
         vip = _ipv4(sa.address, f"listener {lis.name}")
-        cname = _listener_cluster(lis, routes)
-        if cname is None:
-            continue  # its route has not arrived yet: not redirected until it has
-        cluster = clusters.get(cname)
-        if isinstance(cluster, cluster_pb2.Cluster) and cluster.type == cluster_pb2.Cluster.STATIC:
-            backends = _backends(cluster.load_assignment)
-        elif isinstance(cluster, cluster_pb2.Cluster):
-            backends = backends_by_cluster.get(cluster.eds_cluster_config.service_name or cname, ())
-        else:
-            backends = ()
-        parsed = naming.parse_cluster_name(cname)
-        service = f"{parsed[1]}/{parsed[0]}" if parsed else cname
+        hcm, tcp_cluster, sniffed = _hcm_of(lis)
         meta = lis.metadata.filter_metadata.get("nodemesh")
-        port_name = meta.fields["port_name"].string_value if meta and "port_name" in meta.fields else ""
+        fields = meta.fields if meta else {}
+        port_name = fields["port_name"].string_value if "port_name" in fields else ""
+        routes = None
+        if hcm is not None:
+            routes = route_table(hcm.route_config) if hcm.HasField("route_config") \
+                else tables.get(hcm.rds.route_config_name)
+            if routes is None and tcp_cluster is None:
+                continue  # its route has not arrived yet: not redirected until it has
+        if hcm is None:
+            protocol = "tcp"
+        elif sniffed:
+            protocol = "auto"
+        else:
+            declared = fields["protocol"].string_value if "protocol" in fields else "http"
+            protocol = declared if declared in ("http", "http2", "grpc") else "http"
+        # The cluster opaque traffic goes to (and the L4 fallback of HTTP ports).
+        l4_cluster = tcp_cluster
+        if l4_cluster is None and routes is not None:
+            l4_cluster = next((r.action.clusters[0].name for r in routes.routes
+                               if r.action.clusters), None)
+        cluster = clusters.get(l4_cluster) if l4_cluster else None
+        parsed = naming.parse_cluster_name(l4_cluster) if l4_cluster else None
+        service = f"{parsed[1]}/{parsed[0]}" if parsed else (l4_cluster or lis.name)
         entries[(vip, sa.port_value)] = ServiceEntry(
             id=len(entries) + 1, service=service, port_name=port_name, vip=vip,
-            port=sa.port_value, backends=backends)
-    return ServiceTable(MappingProxyType(entries))
+            port=sa.port_value, backends=cluster.backends if cluster else (),
+            protocol=protocol, cluster=l4_cluster, routes=routes)
+    return ServiceTable(MappingProxyType(entries), MappingProxyType(clusters))

@@ -37,6 +37,7 @@ from google.protobuf import any_pb2, duration_pb2, message, struct_pb2, wrappers
 from controlplane import naming
 from controlplane.registry import Endpoint, Registry, Service, ServicePort
 from controlplane.traffic import BackendRef, HttpRoute, RouteMatch, RouteRule, TrafficPolicy
+from dataplane.protocols.detect import declared
 
 TCP_PROXY = "envoy.filters.network.tcp_proxy"
 HCM = "envoy.filters.network.http_connection_manager"
@@ -49,16 +50,14 @@ METADATA_KEY = "nodemesh"
 
 
 def protocol_of(port: ServicePort) -> str:
-    """The declared protocol, as Istio reads it: appProtocol, else the port
-    name's prefix (``http-web``, ``grpc``); anything else is opaque TCP."""
-    declared = (port.app_protocol or port.name.split("-", 1)[0]).lower()
-    if declared.startswith("grpc"):
-        return "grpc"
-    if declared in ("http2", "h2c", "kubernetes.io/h2c"):
-        return "http2"
-    if declared == "http":
-        return "http"
-    return "tcp"
+    """What the proxies should speak on a Service port: ``http``, ``http2``,
+    ``grpc`` or ``tcp`` when declared (appProtocol, else the port name's
+    prefix, as Istio reads them), ``auto`` when nothing is declared: then the
+    listener carries both an HTTP and a TCP filter chain and the proxy sniffs.
+    One rule for both sides: the proxy's own detection module decides."""
+    found = declared(port.app_protocol, port.name, port=port.port)
+    return {"http1": "http", "http2": "http2", "grpc": "grpc", "tcp": "tcp", "tls": "tcp",
+            None: "auto"}[found]
 
 
 @dataclass(frozen=True)
@@ -226,18 +225,28 @@ def _pack(msg: message.Message) -> any_pb2.Any:
 def _vip_listener(svc: Service, port: ServicePort, protocol: str) -> listener_pb2.Listener:
     assert svc.cluster_ip is not None
     cluster = naming.cluster_name(svc.name, svc.namespace, port.port)
+    tcp = listener_components_pb2.Filter(name=TCP_PROXY, typed_config=_pack(
+        tcp_proxy_pb2.TcpProxy(stat_prefix=cluster, cluster=cluster)))
+    http = listener_components_pb2.Filter(name=HCM, typed_config=_pack(_hcm(svc, port)))
     if protocol == "tcp":
-        flt = listener_components_pb2.Filter(name=TCP_PROXY, typed_config=_pack(
-            tcp_proxy_pb2.TcpProxy(stat_prefix=cluster, cluster=cluster)))
+        chains = [listener_components_pb2.FilterChain(name="tcp", filters=[tcp])]
+    elif protocol == "auto":
+        # Nothing declared: the proxy sniffs the first bytes (as Envoy's
+        # http_inspector would) and takes the HTTP chain for HTTP, else TCP.
+        chains = [listener_components_pb2.FilterChain(
+                      name="http", filters=[http],
+                      filter_chain_match=listener_components_pb2.FilterChainMatch(
+                          application_protocols=["http/1.1", "h2c"])),
+                  listener_components_pb2.FilterChain(name="tcp", filters=[tcp])]
     else:
-        flt = listener_components_pb2.Filter(name=HCM, typed_config=_pack(_hcm(svc, port)))
+        chains = [listener_components_pb2.FilterChain(name="http", filters=[http])]
     return listener_pb2.Listener(
         name=naming.vip_listener_name(svc.cluster_ip, port.port),
         address=_socket(svc.cluster_ip, port.port),
         # Captured by BPF, never bound: the node proxy serves it from 15001.
         bind_to_port=wrappers_pb2.BoolValue(value=False),
         traffic_direction=base_pb2.OUTBOUND,
-        filter_chains=[listener_components_pb2.FilterChain(filters=[flt])],
+        filter_chains=chains,
         metadata=_metadata(svc, port, protocol),
     )
 
@@ -254,8 +263,11 @@ def _match(m: RouteMatch) -> rc.RouteMatch:
         out.path = m.path
     elif m.path_kind == "RegularExpression":
         out.safe_regex.CopyFrom(regex_pb2.RegexMatcher(regex=m.path))
+    elif m.path == "/":
+        out.prefix = "/"
     else:
-        out.prefix = m.path
+        # Gateway API's PathPrefix matches whole segments: /api matches /api/x, not /apix.
+        out.path_separated_prefix = m.path.rstrip("/")
     for h in m.headers:
         sm = string_pb2.StringMatcher(exact=h.value) if h.kind == "Exact" else \
             string_pb2.StringMatcher(safe_regex=regex_pb2.RegexMatcher(regex=h.value))
@@ -397,6 +409,7 @@ def translate(registry: Registry) -> Snapshot:
                 lis = _vip_listener(svc, port, protocol)
                 add(naming.LISTENER, lis.name, lis)
             if protocol != "tcp":
+                # An HTTP route for declared HTTP ports and sniffed ("auto") ones.
                 api = _api_listener(svc, port)
                 add(naming.LISTENER, api.name, api)
                 route = _route(svc, port, registry.routes_for(svc, port.port), policy)

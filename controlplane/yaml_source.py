@@ -33,6 +33,8 @@ from controlplane.traffic import HttpRoute, TrafficPolicy
 from nodemesh.errors import UserError
 
 SUFFIXES = (".yaml", ".yml")
+# libyaml's loader when PyYAML was built with it (about 8x faster); same safety.
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 Objects = tuple[Any, ...]
 
 
@@ -182,7 +184,7 @@ def parse_file(path: Path) -> Objects:
     except UnicodeDecodeError as exc:
         raise ManifestError(f"not UTF-8 text (byte {exc.start})") from None
     try:
-        docs = list(yaml.safe_load_all(text))
+        docs = list(yaml.load_all(text, Loader=_LOADER))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark is not None else ""
@@ -258,19 +260,26 @@ class YamlDirectorySource:
         sig = self._scan()
         if sig == self._signature:
             return False
+        before = {name: (mtime, size) for name, mtime, size in self._signature or ()}
         self._signature = sig
-        problems = []
         present = {name for name, _, _ in sig}
         for name in list(self._good):
             if name not in present:
                 del self._good[name]
-        for name in present:
+        problems = {p.path: p for p in self.problems if Path(p.path).name in present}
+        # Only files whose mtime or size moved are parsed again: re-reading a
+        # folder of thousands of manifests for each edit took seconds.
+        for name, mtime, size in sig:
+            if before.get(name) == (mtime, size):
+                continue
+            path = str(self.directory / name)
+            problems.pop(path, None)
             try:
                 self._good[name] = parse_file(self.directory / name)
             except ManifestError as exc:
                 kept = " (keeping its last good content)" if name in self._good else ""
-                problems.append(FileProblem(str(self.directory / name), f"{exc}{kept}"))
-        self.problems = tuple(problems)
+                problems[path] = FileProblem(path, f"{exc}{kept}")
+        self.problems = tuple(problems[k] for k in sorted(problems))
         self.registry = build_registry(o for name in sorted(self._good) for o in self._good[name])
         return True
 

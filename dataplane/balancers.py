@@ -16,7 +16,7 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
-from dataplane.services import Backend
+from dataplane.backend import Backend
 
 
 class Balancer:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from dataplane.services import Backend, ServiceEntry
+from dataplane.backend import Backend
+from dataplane.services import ServiceEntry
 
 
 class RoundRobin:

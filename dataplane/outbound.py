@@ -9,17 +9,20 @@ proxy mark, so connect4 never redirects the proxy's own connections.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from agent import netns
-from agent.bpf_layout import PROXY_MARK, FlowKey
+from agent.bpf_layout import FlowKey
+from dataplane.connect import connect_from_pod
 from dataplane.flows import Flow, FlowTable
+from dataplane.http1_proxy import Http1Proxy, new_channel
 from dataplane.lb import RoundRobin
+from dataplane.protocols.detect import Sniffer
 from dataplane.relay import RelaySide, reset
-from dataplane.services import ServiceTable
+from dataplane.services import ServiceEntry, ServiceTable
 
 log = logging.getLogger("nodemesh.outbound")
 
@@ -41,14 +44,18 @@ OrigDstLookup = Callable[[FlowKey], "tuple[str, int] | None"]
 
 class OutboundProxy:
     def __init__(self, orig_dst: OrigDstLookup, flows: FlowTable,
-                 connect_timeout: float = 1.0) -> None:
+                 connect_timeout: float = 1.0, http: Http1Proxy | None = None,
+                 sniff_window: float = 0.1) -> None:
         self.table = ServiceTable()
         self._orig_dst = orig_dst
         self.flows = flows
         self.lb = RoundRobin()
         self.connect_timeout = connect_timeout
+        self.http = http
+        self.sniff_window = sniff_window
         self.stats = {"accepted": 0, "no_original_dst": 0, "no_service": 0,
-                      "no_endpoint": 0, "connect_failed": 0, "relayed": 0}
+                      "no_endpoint": 0, "connect_failed": 0, "relayed": 0, "http": 0,
+                      "sniffed_http": 0, "sniffed_tcp": 0}
 
     def set_table(self, table: ServiceTable) -> None:
         self.table = table  # one reference swap: in-flight lookups see old or new, never half
@@ -80,35 +87,32 @@ class OutboundProxy:
             self._fail(flow, down, "no_service")
             return
         flow.service = entry.service
+        if entry.protocol != "tcp" and self.http is not None:
+            speaks = await self._protocol_of(entry.protocol, down)
+            if speaks == "http1":
+                await self._serve_http1(pod, entry, down, flow)
+                return
+            # HTTP/2 and gRPC are relayed per connection until the HTTP/2 path lands.
         if not entry.backends:
             self.stats["no_endpoint"] += 1
             log.info("%s: %s has no ready endpoint: reset", pod.key, entry.service)
             self._fail(flow, down, "no_endpoint")
             return
-        loop = asyncio.get_running_loop()
         for attempt, backend in enumerate(self.lb.candidates(entry)):
             if attempt >= MAX_CONNECT_ATTEMPTS:
                 break
+            if down.closed:
+                self.flows.close(flow)
+                return
+            up = RelaySide(on_bytes=lambda n: _add_received(flow, n))
             try:
-                sock = netns.socket_in(pod.netns_fd)
-            except OSError as exc:  # EMFILE and the like: nothing to retry on
-                log.error("%s: cannot open an upstream socket: %s", pod.key, exc.strerror)
-                break
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, PROXY_MARK)
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                sock.setblocking(False)
-                await asyncio.wait_for(loop.sock_connect(sock, (backend.ip, backend.port)),
-                                       self.connect_timeout)
-                if down.closed:
-                    sock.close()
-                    self.flows.close(flow)
-                    return
-                up = RelaySide(on_bytes=lambda n: _add_received(flow, n))
-                await loop.create_connection(lambda up=up: up, sock=sock)
+                await connect_from_pod(pod.netns_fd, backend, self.connect_timeout,
+                                       lambda up=up: up)
             except (TimeoutError, OSError) as exc:
-                sock.close()
                 self.stats["connect_failed"] += 1
+                if getattr(exc, "errno", None) == errno.EMFILE:
+                    log.error("%s: cannot open an upstream socket: %s", pod.key, exc)
+                    break
                 log.info("%s: connect to %s for %s failed (%s), trying the next endpoint",
                          pod.key, backend.address, entry.service,
                          getattr(exc, "strerror", None) or "timeout")
@@ -122,6 +126,56 @@ class OutboundProxy:
             transport.resume_reading()
             return
         self._fail(flow, down, "connect_failed")
+
+    async def _protocol_of(self, declared: str, down: _Downstream) -> str:
+        """http1 / http2 / tcp: declared, or sniffed from the first bytes within the
+        window (a server-first protocol sends nothing and gets tcp after it)."""
+        if declared == "http":
+            return "http1"
+        if declared in ("http2", "grpc"):
+            return "http2"
+        sniffer = Sniffer()
+        down.sniffer = sniffer
+        assert down.transport is not None
+        down.transport.resume_reading()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.sniff_window
+        try:
+            while sniffer.decision is None and not down.got_eof and not down.closed:
+                left = deadline - loop.time()
+                if left <= 0:
+                    break
+                down.arrived.clear()
+                try:
+                    await asyncio.wait_for(down.arrived.wait(), left)
+                except TimeoutError:
+                    break
+        finally:
+            down.sniffer = None
+            if down.transport is not None and not down.closed:
+                down.transport.pause_reading()
+        decision = sniffer.decision or sniffer.timeout()
+        self.stats["sniffed_http" if decision in ("http1", "http2") else "sniffed_tcp"] += 1
+        return decision if decision in ("http1", "http2") else "tcp"
+
+    async def _serve_http1(self, pod: PodContext, entry: ServiceEntry, down: _Downstream,
+                           flow: Flow) -> None:
+        assert self.http is not None and down.transport is not None
+        self.stats["http"] += 1
+        flow.state = "http"
+        flow.endpoint = "(per request)"
+        initial = b"".join(down.take_buffer())
+        _, channel = new_channel()
+        transport = down.transport
+        down.flow = None  # the channel owns the connection from here
+        channel.adopt(transport, initial)
+        transport.resume_reading()
+        try:
+            await self.http.serve(pod.key, pod.ip, pod.netns_fd, entry, channel)
+        finally:
+            flow.bytes_sent = channel.bytes_in
+            flow.bytes_received = channel.bytes_out
+            self.flows.close(flow)
 
     def _fail(self, flow: Flow, down: _Downstream, state: str) -> None:
         flow.state = state
@@ -143,6 +197,19 @@ class _Downstream(RelaySide):
         self.pod = pod
         self.flow: Flow | None = None
         self._task: asyncio.Task[None] | None = None
+        self.sniffer: Sniffer | None = None
+        self.arrived = asyncio.Event()
+
+    def data_received(self, data: bytes) -> None:
+        if self.sniffer is not None and self.sniffer.decision is None:
+            self.sniffer.feed(data)
+        super().data_received(data)
+        self.arrived.set()
+
+    def eof_received(self) -> bool:
+        keep = super().eof_received()
+        self.arrived.set()
+        return keep
 
     def _count(self, n: int) -> None:
         if self.flow is not None:

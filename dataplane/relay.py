@@ -42,6 +42,11 @@ class RelaySide(asyncio.Protocol):
         self.closed = False
         self._buffer: list[bytes] = []  # bytes that arrived before the peer was linked
 
+    def take_buffer(self) -> list[bytes]:
+        """Hand over what arrived before a peer was linked (to another protocol)."""
+        out, self._buffer = self._buffer, []
+        return out
+
     def link(self, peer: RelaySide) -> None:
         self.peer = peer
         if peer.closed:

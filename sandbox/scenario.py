@@ -21,6 +21,9 @@ NODE_NAME = "node-1"
 WEB_VIP = "198.19.0.10"
 WEB_PORT = 80
 WEB_TARGET = 8080
+# The whoami server speaks first (a greeting), so its port is declared TCP, as
+# a server-first protocol must be: an HTTP port would wait for a request.
+WEB_PORT_NAME = "tcp-web"
 ECHO_VIP = "198.19.0.11"
 ECHO_PORT = 7
 ECHO_TARGET = 7007
@@ -61,14 +64,14 @@ class Scenario:
         for w in self.webs:
             self.start_server(w, ["whoami", "--port", str(WEB_TARGET), "--name", w.name])
         self.start_server(self.echo, ["echo", "--port", str(ECHO_TARGET)])
-        m.service("shop", "web", WEB_VIP, [("http", WEB_PORT, WEB_TARGET)])
+        m.service("shop", "web", WEB_VIP, [(WEB_PORT_NAME, WEB_PORT, WEB_TARGET)])
         self.write_web_endpoints(self.webs)
         m.service("shop", "echo", ECHO_VIP, [("tcp-echo", ECHO_PORT, ECHO_TARGET)])
         m.endpoint_slice("shop", "echo", [self.echo], [("tcp-echo", ECHO_TARGET)])
         return self
 
     def write_web_endpoints(self, pods: list[Pod]) -> None:
-        self.manifests.endpoint_slice("shop", "web", pods, [("http", WEB_TARGET)])
+        self.manifests.endpoint_slice("shop", "web", pods, [(WEB_PORT_NAME, WEB_TARGET)])
 
     def start_server(self, pod: Pod, app_args: list[str]) -> subprocess.Popen[str]:
         proc = pod.spawn([PY, "-m", "sandbox.apps", *app_args], stdout=subprocess.PIPE, text=True)

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from dataplane.backend import Backend
 from dataplane.balancers import (
     Balancer,
     HashPolicy,
@@ -22,7 +23,6 @@ from dataplane.balancers import (
     hash_key_for,
     make_balancer,
 )
-from dataplane.services import Backend
 
 HOSTS = tuple(Backend(f"10.0.0.{i}", 8080, f"web-{i}") for i in range(1, 21))
 KEYS = [f"user-{i}".encode() for i in range(10_000)]

@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from sandbox.scenario import ECHO_PORT, ECHO_VIP, WEB_PORT, WEB_TARGET, WEB_VIP, Scenario
+from sandbox.scenario import ECHO_PORT, ECHO_VIP, WEB_PORT, WEB_PORT_NAME, WEB_TARGET, WEB_VIP, Scenario
 
 pytestmark = pytest.mark.root
 WEB = f"{WEB_VIP}:{WEB_PORT}"
@@ -161,7 +161,7 @@ def test_no_ready_endpoint_fails_fast(mesh: Scenario, how: str) -> None:
     if how == "no endpoints":
         mesh.write_web_endpoints([])
     else:
-        mesh.manifests.endpoint_slice("shop", "web", mesh.webs, [("http", WEB_TARGET)], ready=False)
+        mesh.manifests.endpoint_slice("shop", "web", mesh.webs, [(WEB_PORT_NAME, WEB_TARGET)], ready=False)
     try:
         mesh.wait_for(lambda: _backends(mesh) == [], what="web to lose its ready endpoints")
         res = mesh.app(mesh.shop_client, "probe", "--target", WEB, "--timeout", "5")

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from dataplane.backend import Backend
 from dataplane.policy.circuit_breaker import CircuitBreaker, CircuitBreakerConfig, Resource
 from dataplane.policy.outlier import Detector, LocalOrigin, OutlierConfig, OutlierDetector
 from dataplane.policy.ratelimit import TokenBucket, TokenBucketConfig
@@ -22,7 +23,6 @@ from dataplane.policy.retry import (
     RetryPolicy,
     parse_retry_on,
 )
-from dataplane.services import Backend
 
 HOSTS = tuple(Backend(f"10.0.1.{i}", 8080) for i in range(1, 21))
 TEN = HOSTS[:10]  # at Envoy's default 10%, ten hosts is the smallest cluster that ejects one

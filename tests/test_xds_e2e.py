@@ -11,7 +11,7 @@ from collections.abc import Iterator
 import pytest
 
 from sandbox.node import Sandbox
-from sandbox.scenario import CP_LISTEN, WEB_PORT, WEB_TARGET, WEB_VIP, Scenario
+from sandbox.scenario import CP_LISTEN, WEB_PORT, WEB_PORT_NAME, WEB_TARGET, WEB_VIP, Scenario
 
 pytestmark = pytest.mark.root
 WEB = f"{WEB_VIP}:{WEB_PORT}"
@@ -71,7 +71,7 @@ def test_unusable_resource_is_nacked_and_the_last_good_config_keeps_serving(
 def test_changed_service_port_moves_the_redirect(fresh_scenario: Scenario) -> None:
     sc = fresh_scenario
     sc.start_agent()
-    sc.manifests.service("shop", "web", WEB_VIP, [("http", 8081, WEB_TARGET)])
+    sc.manifests.service("shop", "web", WEB_VIP, [(WEB_PORT_NAME, 8081, WEB_TARGET)])
     sc.wait_for(lambda: f"{WEB_VIP}:8081" in _services(sc), what="the new port")
     assert f"{WEB_VIP}:80" not in _services(sc)
     assert sc.app(sc.shop_client, "probe", "--target", f"{WEB_VIP}:8081")["ok"]

@@ -76,7 +76,8 @@ def test_listener_waits_for_its_route(tmp_path: Path) -> None:
 def test_subscriptions_follow_clusters_and_listeners(tmp_path: Path) -> None:
     cfg = as_config(translate(registry(tmp_path)))
     assert cfg.eds_names() == set(cfg.of(naming.CLUSTER))
-    assert cfg.rds_names() == {"web.shop.svc.cluster.local:80"}
+    # The HTTP port, and the db port that declares nothing (sniffed: it may be HTTP).
+    assert cfg.rds_names() == {"web.shop.svc.cluster.local:80", "db.shop.svc.cluster.local:5432"}
 
 
 def _with_listener_change(cfg: XdsConfig, name: str, mutate) -> XdsConfig:  # type: ignore[no-untyped-def]

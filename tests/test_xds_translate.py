@@ -3,6 +3,7 @@ by protocol, endpoints' health and localities, and per-resource versions."""
 
 from __future__ import annotations
 
+from types import MappingProxyType
 from typing import Any
 
 from envoy.config.cluster.v3 import cluster_pb2
@@ -14,8 +15,8 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2
 
 from controlplane import naming
-from controlplane.registry import Service, ServicePort
-from controlplane.translate import HCM, LOCAL_RATELIMIT, ROUTER, TCP_PROXY, protocol_of
+from controlplane.registry import Registry, Service, ServicePort
+from controlplane.translate import HCM, LOCAL_RATELIMIT, ROUTER, TCP_PROXY, protocol_of, translate
 from tests.xds_fixtures import (
     CDS,
     DB,
@@ -52,9 +53,20 @@ def test_protocol_comes_from_app_protocol_then_the_port_name_prefix() -> None:
     assert proto("http") == "http" and proto("http-admin") == "http"
     assert proto("grpc") == "grpc" and proto("grpc-web") == "grpc"
     assert proto("http2") == "http2" and proto("x", "kubernetes.io/h2c") == "http2"
-    assert proto("tcp-pg") == "tcp" and proto("") == "tcp" and proto("https") == "tcp"
+    assert proto("tcp-pg") == "tcp" and proto("https") == "tcp" and proto("mysql") == "tcp"
+    assert proto("") == "auto" and proto("data") == "auto"  # nothing declared: sniff
     assert proto("http", app="tcp") == "tcp"  # appProtocol wins over the name
     assert proto("data", app="grpc") == "grpc"
+
+
+def test_undeclared_port_gets_an_http_chain_for_sniffed_http_and_a_tcp_chain() -> None:
+    svc = Service("shop", "misc", "198.19.0.40", (ServicePort("", 9000, 9000),))
+    reg = Registry(services=MappingProxyType({svc.key: svc}))
+    lis = translate(reg).of(LDS)["198.19.0.40_9000"].message
+    http, tcp = lis.filter_chains
+    assert list(http.filter_chain_match.application_protocols) == ["http/1.1", "h2c"]
+    assert http.filters[0].name == HCM and tcp.filters[0].name == TCP_PROXY
+    assert not tcp.HasField("filter_chain_match")
 
 
 def _only_filter(listener: Any) -> Any:

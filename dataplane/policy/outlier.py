@@ -24,7 +24,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import Enum
 
-from dataplane.services import Backend
+from dataplane.backend import Backend
 
 
 class LocalOrigin(Enum):
