@@ -21,7 +21,8 @@ class AgentConfig:
     state_dir: Path | None = None  # where the last good xDS config is kept
     poll_interval: float = 0.25
     connect_timeout: float = 1.0
-    sniff_window: float = 0.1  # how long an undeclared port waits for a client's first bytes
+    sniff_window: float = 0.25  # how long an undeclared port waits for a client's first bytes
+    metrics_address: str | None = "0.0.0.0:15020"  # Prometheus /metrics, Istio's port
 
     @property
     def config_store_path(self) -> Path:

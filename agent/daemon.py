@@ -22,13 +22,16 @@ from agent.bpf_loader import BpfDatapath, uninstall
 from agent.config import AgentConfig
 from agent.config_store import ConfigStore
 from agent.enrollment import Enroller, decide
+from agent.telemetry_glue import TelemetryGlue, request_headers
 from agent.xds_client import XdsClient
 from agent.xds_state import XdsConfig
 from controlplane.yaml_source import YamlDirectorySource
 from dataplane.flows import FlowTable
 from dataplane.http1_proxy import Http1Proxy
+from dataplane.http2_proxy import Http2Proxy
 from dataplane.outbound import OutboundProxy
 from dataplane.services import ServiceTable
+from dataplane.telemetry import Telemetry
 from dataplane.upstreams import Upstreams
 from nodemesh.errors import UserError
 
@@ -47,11 +50,17 @@ class Agent:
         self.config = config
         self.source = YamlDirectorySource(config.config_dir)
         self.bpf = BpfDatapath(config.instance, config.cgroup_root)
-        self.flows = FlowTable()
+        self.telemetry = Telemetry()
+        glue = TelemetryGlue(self.telemetry, lambda: self.source.registry)
+        self.flows = FlowTable(on_close=glue.on_tcp_close)
         self.upstreams = Upstreams()
-        self.http = Http1Proxy(self.upstreams, config.connect_timeout)
+        self.http = Http1Proxy(self.upstreams, config.connect_timeout,
+                               on_request=glue.on_request, request_headers=request_headers)
+        self.http2 = Http2Proxy(self.upstreams, config.connect_timeout,
+                                on_request=glue.on_request, request_headers=request_headers)
         self.proxy = OutboundProxy(self.bpf.take_orig_dst, self.flows, config.connect_timeout,
-                                   http=self.http, sniff_window=config.sniff_window)
+                                   http=self.http, sniff_window=config.sniff_window,
+                                   on_tcp_open=glue.on_tcp_open, http2=self.http2)
         self.enroller = Enroller(self.proxy, self.bpf)
         self.embedded = config.xds_address is None
         address = config.xds_address or f"unix:{config.instance.run_dir / 'xds.sock'}"
@@ -84,6 +93,7 @@ class Agent:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         runner = None
+        metrics = None
         tasks: list[asyncio.Task[Any]] = []
         lock = self.config.instance.lock()
         try:
@@ -104,6 +114,10 @@ class Agent:
             self.xds.load_persisted()
             tasks.append(loop.create_task(self.xds.run()))
             runner = await admin.start(self, self.config.instance.admin_socket)
+            if self.config.metrics_address:
+                host, _, port = self.config.metrics_address.rpartition(":")
+                metrics = await self.telemetry.serve_metrics(host or "0.0.0.0", int(port),
+                                                             ready=lambda: self.ready)
             await self.reconcile(force=True)
             log.info("agent up (node %s, instance %s, admin %s, xDS %s%s)", self.config.node_name,
                      self.config.instance.name, self.config.instance.admin_socket,
@@ -126,8 +140,11 @@ class Agent:
                     await t
             await self.enroller.remove_all()
             self.upstreams.close_idle()
+            self.http2.close()
             if runner is not None:
                 await runner.cleanup()
+            if metrics is not None:
+                await metrics.cleanup()
             self.config.instance.admin_socket.unlink(missing_ok=True)
             (self.config.instance.run_dir / "xds.sock").unlink(missing_ok=True)
             self.bpf.close()
@@ -184,4 +201,6 @@ class Agent:
             "proxy": dict(self.proxy.stats, active_flows=len(self.flows),
                           total_flows=self.flows.total_opened),
             "http": dict(self.http.stats),
+            "http2": dict(self.http2.stats,
+                          upstream_connections=self.http2.open_upstream_connections()),
         }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +23,7 @@ class Flow:
     bytes_received: int = 0  # upstream -> client
     started: float = field(default_factory=time.monotonic)
     started_wall: float = field(default_factory=time.time)
+    meta: Any = None  # telemetry's handle for this connection
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -35,10 +37,11 @@ class Flow:
 
 
 class FlowTable:
-    def __init__(self) -> None:
+    def __init__(self, on_close: Callable[[Flow], None] | None = None) -> None:
         self._flows: dict[int, Flow] = {}
         self._ids = itertools.count(1)
         self.total_opened = 0
+        self.on_close = on_close
 
     def open(self, **kw: Any) -> Flow:
         flow = Flow(id=next(self._ids), **kw)
@@ -47,7 +50,8 @@ class FlowTable:
         return flow
 
     def close(self, flow: Flow) -> None:
-        self._flows.pop(flow.id, None)
+        if self._flows.pop(flow.id, None) is not None and self.on_close is not None:
+            self.on_close(flow)
 
     def snapshot(self) -> list[dict[str, Any]]:
         return [f.as_dict() for f in list(self._flows.values())]

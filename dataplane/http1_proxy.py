@@ -69,6 +69,10 @@ class RequestRecord:
     response_bytes: int = 0
     request_id: str | None = None
     traceparent: str | None = None
+    # The gRPC status the client got: set for every gRPC request (from the trailers, a local
+    # reply, or a stream reset), None for plain HTTP.
+    grpc_status: str | None = None
+    protocol: str = "HTTP/1.1"  # the downstream wire protocol, for the access log
 
     @property
     def response_flags(self) -> str:
@@ -252,8 +256,7 @@ class Http1Proxy:
         retrying = False
         while True:
             if retrying and not runtime.breaker.try_acquire(Resource.RETRIES):
-                rec.flags.append("UO")
-                self._local(down, rec, 503, None)
+                self._local(down, rec, 503, "UO")
                 return await _discard(body)
             try:
                 ok, keep = await self._attempt(pod_key, netns_fd, runtime, down, head, headers,
@@ -278,8 +281,7 @@ class Http1Proxy:
         with an answer sent to the client; (False, _) to try again."""
         now = time.monotonic()
         if not runtime.breaker.try_acquire(Resource.REQUESTS):
-            rec.flags.append("UO")
-            self._local(down, rec, 503, None)
+            self._local(down, rec, 503, "UO")
             return True, await _discard(body)
         backend = runtime.pick(key, tried, now)
         if backend is None:

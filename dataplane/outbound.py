@@ -19,6 +19,7 @@ from agent.bpf_layout import FlowKey
 from dataplane.connect import connect_from_pod
 from dataplane.flows import Flow, FlowTable
 from dataplane.http1_proxy import Http1Proxy, new_channel
+from dataplane.http2_proxy import Http2Proxy
 from dataplane.lb import RoundRobin
 from dataplane.protocols.detect import Sniffer
 from dataplane.relay import RelaySide, reset
@@ -45,17 +46,21 @@ OrigDstLookup = Callable[[FlowKey], "tuple[str, int] | None"]
 class OutboundProxy:
     def __init__(self, orig_dst: OrigDstLookup, flows: FlowTable,
                  connect_timeout: float = 1.0, http: Http1Proxy | None = None,
-                 sniff_window: float = 0.1) -> None:
+                 sniff_window: float = 0.25,
+                 on_tcp_open: Callable[[Flow, str | None], None] | None = None,
+                 http2: Http2Proxy | None = None) -> None:
         self.table = ServiceTable()
         self._orig_dst = orig_dst
         self.flows = flows
         self.lb = RoundRobin()
         self.connect_timeout = connect_timeout
         self.http = http
+        self.http2 = http2
         self.sniff_window = sniff_window
+        self.on_tcp_open = on_tcp_open
         self.stats = {"accepted": 0, "no_original_dst": 0, "no_service": 0,
                       "no_endpoint": 0, "connect_failed": 0, "relayed": 0, "http": 0,
-                      "sniffed_http": 0, "sniffed_tcp": 0}
+                      "http2": 0, "sniffed_http": 0, "sniffed_tcp": 0}
 
     def set_table(self, table: ServiceTable) -> None:
         self.table = table  # one reference swap: in-flight lookups see old or new, never half
@@ -87,12 +92,14 @@ class OutboundProxy:
             self._fail(flow, down, "no_service")
             return
         flow.service = entry.service
-        if entry.protocol != "tcp" and self.http is not None:
+        if entry.protocol != "tcp" and (self.http is not None or self.http2 is not None):
             speaks = await self._protocol_of(entry.protocol, down)
-            if speaks == "http1":
+            if speaks == "http1" and self.http is not None:
                 await self._serve_http1(pod, entry, down, flow)
                 return
-            # HTTP/2 and gRPC are relayed per connection until the HTTP/2 path lands.
+            if speaks == "http2" and self.http2 is not None:
+                await self._serve_http2(pod, entry, down, flow)
+                return
         if not entry.backends:
             self.stats["no_endpoint"] += 1
             log.info("%s: %s has no ready endpoint: reset", pod.key, entry.service)
@@ -120,6 +127,8 @@ class OutboundProxy:
             flow.endpoint = backend.address
             flow.state = "established"
             self.stats["relayed"] += 1
+            if self.on_tcp_open is not None:
+                self.on_tcp_open(flow, entry.cluster)
             # link() handles either side having gone away meanwhile.
             down.link(up)
             up.link(down)
@@ -135,6 +144,11 @@ class OutboundProxy:
         if declared in ("http2", "grpc"):
             return "http2"
         sniffer = Sniffer()
+        # Bytes may already have been read (a client that writes at once can beat
+        # the pause in connection_made): they are the first the sniffer must see.
+        early = down.peek_buffer()
+        if early:
+            sniffer.feed(early)
         down.sniffer = sniffer
         assert down.transport is not None
         down.transport.resume_reading()
@@ -175,6 +189,23 @@ class OutboundProxy:
         finally:
             flow.bytes_sent = channel.bytes_in
             flow.bytes_received = channel.bytes_out
+            self.flows.close(flow)
+
+    async def _serve_http2(self, pod: PodContext, entry: ServiceEntry, down: _Downstream,
+                           flow: Flow) -> None:
+        """Hand the connection to the HTTP/2 path: it adopts the transport and replays
+        what sniffing read."""
+        assert self.http2 is not None and down.transport is not None
+        self.stats["http2"] += 1
+        flow.state = "http2"
+        flow.endpoint = "(per stream)"
+        initial = b"".join(down.take_buffer())
+        transport = down.transport
+        down.flow = None  # the HTTP/2 path owns the connection from here
+        try:
+            flow.bytes_sent, flow.bytes_received = await self.http2.serve(
+                pod.key, pod.ip, pod.netns_fd, entry, transport, initial)
+        finally:
             self.flows.close(flow)
 
     def _fail(self, flow: Flow, down: _Downstream, state: str) -> None:

@@ -42,6 +42,9 @@ class RelaySide(asyncio.Protocol):
         self.closed = False
         self._buffer: list[bytes] = []  # bytes that arrived before the peer was linked
 
+    def peek_buffer(self) -> bytes:
+        return b"".join(self._buffer)
+
     def take_buffer(self) -> list[bytes]:
         """Hand over what arrived before a peer was linked (to another protocol)."""
         out, self._buffer = self._buffer, []

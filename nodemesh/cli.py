@@ -83,9 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--connect-timeout", type=float, default=1.0,
                    help="seconds to wait for an upstream connect before trying the next "
                         "endpoint (default 1.0)")
-    p.add_argument("--sniff-window", type=float, default=0.1,
+    p.add_argument("--sniff-window", type=float, default=0.25,
                    help="seconds an undeclared port waits for the client's first bytes to tell "
-                        "HTTP from opaque TCP; server-first protocols wait this long (default 0.1)")
+                        "HTTP from opaque TCP; server-first protocols wait this long (default 0.25)")
+    p.add_argument("--metrics-address", default="0.0.0.0:15020", metavar="HOST:PORT",
+                   help="where to serve Prometheus /metrics (Istio's standard metrics); "
+                        "'' to turn off (default 0.0.0.0:15020)")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
 
     for name, helptext in (
@@ -150,7 +153,8 @@ def run_agent(args: argparse.Namespace) -> int:
                          config_dir=args.config_dir, cgroup_root=check_cgroup_root(args.cgroup_root),
                          xds_address=args.xds_address, xds_mode=args.xds_mode,
                          state_dir=args.state_dir, connect_timeout=args.connect_timeout,
-                         sniff_window=args.sniff_window)
+                         sniff_window=args.sniff_window,
+                         metrics_address=args.metrics_address or None)
     agent = Agent(config)
     uvloop.run(agent.run())
     return 0
