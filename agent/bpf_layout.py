@@ -55,6 +55,14 @@ class FlowKey(ctypes.Structure):
         return cls(netns_cookie, ip_to_u32(src[0]), ip_to_u32(dst[0]), src[1], dst[1], 0)
 
 
+class PeerVal(ctypes.Structure):
+    """nm_peer's value (the sockmap engine): the peer socket's cookie, the bytes
+    redirected to it, and whether this direction fell back to user space."""
+
+    _fields_ = [("peer", ctypes.c_uint64), ("bytes", ctypes.c_uint64),
+                ("passthru", ctypes.c_uint32), ("pad", ctypes.c_uint32)]
+
+
 class Counter(enum.IntEnum):
     """Indexes of nm_counters, named as `nodemesh status` shows them."""
 

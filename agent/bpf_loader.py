@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from agent.bpf_layout import COUNTER_PROGRAM, Counter, FlowKey, OrigDst, SvcKey, SvcVal
+from agent.bpf_layout import COUNTER_PROGRAM, Counter, FlowKey, OrigDst, PeerVal, SvcKey, SvcVal
 from agent.cgroupfs import check_cgroup_root
 from agent.instance import Instance
 from nodemesh.errors import UserError
@@ -23,6 +23,11 @@ from nodemesh.errors import UserError
 BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
 PROGRAM_SOURCES = ("connect4.c", "sockops.c")
 MAPS = ("nm_enrolled", "nm_services", "nm_pending", "nm_orig_dst", "nm_counters")
+# The sockmap L4 engine (experimental): its program and maps, compiled only when chosen.
+L4_ENGINES = ("userspace", "sockmap")
+SPLICE_SOURCES = ("sk_skb.c",)
+SPLICE_MAPS = ("nm_splice", "nm_peer")
+SO_COOKIE = 57
 BPF_F_ALLOW_MULTI = 2
 
 
@@ -61,13 +66,17 @@ def _bpffs_mounted() -> bool:
         return any(line.split()[1:3] == ["/sys/fs/bpf", "bpf"] for line in f if line.strip())
 
 
-def program_text() -> str:
+def program_text(l4_engine: str = "userspace") -> str:
     # BCC rewrites map calls only in the main file, not in included headers,
     # so the header is inlined ahead of the programs instead of #included.
     header = (BPF_DIR / "nodemesh.h").read_text()
+    sources = PROGRAM_SOURCES
+    if l4_engine == "sockmap":
+        header = "#define NM_SPLICE 1\n" + header
+        sources = PROGRAM_SOURCES + SPLICE_SOURCES
     bodies = [
         (BPF_DIR / name).read_text().replace('#include "nodemesh.h"', "")
-        for name in PROGRAM_SOURCES
+        for name in sources
     ]
     return header + "\n".join(bodies)
 
@@ -83,9 +92,11 @@ class Attachment:
 class BpfDatapath:
     """One loaded set of programs and maps for one agent instance."""
 
-    def __init__(self, instance: Instance, cgroup_root: Path) -> None:
+    def __init__(self, instance: Instance, cgroup_root: Path, l4_engine: str = "userspace") -> None:
         self.instance = instance
         self.cgroup_root = cgroup_root
+        self.l4_engine = l4_engine
+        self._splice_fd = -1  # nm_splice (SOCKHASH): BCC 0.26's Table cannot wrap it
         self._bpf: Any = None
         self._lib: Any = None
         self._attached: list[tuple[Any, int, Any]] = []
@@ -100,7 +111,7 @@ class BpfDatapath:
 
         self._lib = lib
         try:
-            self._bpf = BPF(text=program_text().encode())
+            self._bpf = BPF(text=program_text(self.l4_engine).encode())
         except Exception as exc:  # BCC raises a bare Exception on compile errors
             raise UserError(f"BPF programs failed to compile: {exc} "
                             "(see the compiler output above)") from None
@@ -119,6 +130,8 @@ class BpfDatapath:
         self._pinned = True
         for name in MAPS:
             self._pin(self._table(name).map_fd, pin_dir / name)
+        if self.l4_engine == "sockmap":
+            self._load_splice(pin_dir)
         check_cgroup_root(self.cgroup_root)  # never the machine's root cgroup, whoever calls
         self._cgroup_fd = os.open(self.cgroup_root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         self._write_state()
@@ -131,6 +144,22 @@ class BpfDatapath:
             BPF.attach_func(fn, self._cgroup_fd, atype, BPF_F_ALLOW_MULTI)
             self._attached.append((fn, self._cgroup_fd, atype))
             self.attachments.append(Attachment(fn.name.decode(), label, str(self.cgroup_root), str(pin)))
+
+    def _load_splice(self, pin_dir: Path) -> None:
+        """The stream verdict attaches to the SOCKHASH, not to a cgroup: it runs only
+        for the sockets the proxy inserts, and goes away with the map."""
+        from bcc import BPF, BPFAttachType
+
+        verdict = self._bpf.load_func(b"nm_splice_verdict", BPF.SK_SKB)
+        self._splice_fd = self._lib.bpf_table_fd(self._bpf.module, b"nm_splice")
+        if self._splice_fd < 0:
+            raise UserError("nm_splice (SOCKHASH) has no fd: the sockmap engine cannot load")
+        self._pin(self._splice_fd, pin_dir / "nm_splice")
+        self._pin(self._table("nm_peer").map_fd, pin_dir / "nm_peer")
+        BPF.attach_func(verdict, self._splice_fd, BPFAttachType.SK_SKB_STREAM_VERDICT)
+        self._attached.append((verdict, self._splice_fd, BPFAttachType.SK_SKB_STREAM_VERDICT))
+        self.attachments.append(Attachment(verdict.name.decode(), "sk_skb_stream_verdict",
+                                           "map nm_splice", ""))
 
     def close(self) -> None:
         """Detach, unpin, forget. Safe to call twice and after a failed load."""
@@ -211,6 +240,41 @@ class BpfDatapath:
         self._lib.bpf_delete_elem(fd, ctypes.byref(key))
         return val.address()
 
+    # -- the sockmap engine's maps ------------------------------------------------
+    def splice(self, first: tuple[int, int], second: tuple[int, int]) -> bool:
+        """Splice two sockets, each given as (fd, cookie). Peers are written first,
+        then ``first`` joins nm_splice, then ``second``: bytes ``first`` receives
+        before ``second`` is in fail to redirect and turn that direction passthru
+        (user space relays it, in order); ``second`` redirects from its first byte."""
+        peer_fd = self._table("nm_peer").map_fd
+        lib = self._lib
+        for (_, cookie), (_, other) in ((first, second), (second, first)):
+            key, val = ctypes.c_uint64(cookie), PeerVal(other, 0, 0, 0)
+            if lib.bpf_update_elem(peer_fd, ctypes.byref(key), ctypes.byref(val), 0) != 0:
+                self.unsplice(first[1], second[1])
+                return False
+        for fd, cookie in (first, second):
+            key, sock = ctypes.c_uint64(cookie), ctypes.c_uint32(fd)
+            if lib.bpf_update_elem(self._splice_fd, ctypes.byref(key), ctypes.byref(sock), 0) != 0:
+                self.unsplice(first[1], second[1])
+                return False
+        return True
+
+    def unsplice(self, *cookies: int) -> None:
+        peer_fd = self._table("nm_peer").map_fd
+        for cookie in cookies:
+            key = ctypes.c_uint64(cookie)
+            self._lib.bpf_delete_elem(self._splice_fd, ctypes.byref(key))
+            self._lib.bpf_delete_elem(peer_fd, ctypes.byref(key))
+
+    def spliced(self, cookie: int) -> tuple[int, bool] | None:
+        """(bytes redirected from this socket to its peer, passthru) or None."""
+        key, val = ctypes.c_uint64(cookie), PeerVal()
+        if self._lib.bpf_lookup_elem(self._table("nm_peer").map_fd, ctypes.byref(key),
+                                     ctypes.byref(val)) != 0:
+            return None
+        return val.bytes, bool(val.passthru)
+
     def counters(self) -> dict[str, dict[str, int]]:
         table = self._table("nm_counters")
         out: dict[str, dict[str, int]] = {}
@@ -225,6 +289,12 @@ class BpfDatapath:
             entries = None if name == "nm_counters" else sum(1 for _ in table.keys())
             rows.append({"map": name, "entries": entries, "max_entries": table.max_entries,
                          "pin": str(self.instance.pin_dir / name)})
+        if self.l4_engine == "sockmap":
+            table = self._table("nm_peer")
+            rows.append({"map": "nm_peer", "entries": sum(1 for _ in table.keys()),
+                         "max_entries": table.max_entries, "pin": str(self.instance.pin_dir / "nm_peer")})
+            rows.append({"map": "nm_splice", "entries": None, "max_entries": table.max_entries,
+                         "pin": str(self.instance.pin_dir / "nm_splice")})
         return rows
 
     def kernel_view(self) -> list[dict[str, Any]]:

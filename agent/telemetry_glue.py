@@ -55,7 +55,8 @@ class TelemetryGlue:
             request_bytes=rec.request_bytes, response_bytes=rec.response_bytes,
             method=rec.method, path=rec.path, authority=rec.authority, upstream=rec.upstream,
             request_id=rec.request_id, traceparent=rec.traceparent, upstream_cluster=rec.cluster,
-            downstream=rec.pod_ip, start_time=rec.started_wall)
+            downstream=rec.pod_ip, start_time=rec.started_wall,
+            protocol=getattr(rec, "protocol", None))
 
     def on_tcp_open(self, flow: Flow, cluster: str | None) -> None:
         dest, host = self._destination(cluster)

@@ -305,11 +305,12 @@ class Http1Proxy:
                         LocalOrigin.RESET
                     runtime.outlier.record(backend, origin, time.monotonic())
                 overall = deadline is not None and time.monotonic() >= deadline
-                if not overall and policy is not None and policy.decide(
-                        attempt, Outcome.failed(f.failure), rec.method,
-                        body_replayable=body.replayable) is RetryDecision.RETRY:
+                # decide() counts tries from 1; ``attempt`` counts retries from 0.
+                decision = policy.decide(attempt + 1, Outcome.failed(f.failure), rec.method,
+                                         body_replayable=body.replayable) if policy else None
+                if not overall and decision is RetryDecision.RETRY:
                     return False, False
-                if policy is not None and attempt >= policy.num_retries:
+                if decision is RetryDecision.RETRIES_EXHAUSTED:
                     rec.flags.append("URX")
                 flag = "UT" if overall or f.failure is Failure.PER_TRY_TIMEOUT else f.flag
                 status = 504 if flag == "UT" else f.status
@@ -318,7 +319,7 @@ class Http1Proxy:
             if runtime.outlier is not None:
                 runtime.outlier.record(backend, resp.status, time.monotonic())
             if policy is not None and resp.status >= 400:
-                decision = policy.decide(attempt, Outcome.response(resp.status), rec.method,
+                decision = policy.decide(attempt + 1, Outcome.response(resp.status), rec.method,
                                          body_replayable=body.replayable)
                 if decision is RetryDecision.RETRY:
                     assert up is not None

@@ -43,13 +43,15 @@ class ClusterRuntime:
             self.outlier.set_hosts(config.backends)
 
     def pick(self, key: bytes | None, tried: set[Backend], now: float) -> Backend | None:
-        """A backend that is neither ejected nor already tried for this request;
-        failing that, one merely not tried (an all-ejected cluster still serves,
-        as Envoy's panic threshold does)."""
+        """A backend neither ejected nor already tried for this request; failing
+        that, one merely not tried (an all-ejected cluster still serves, as with
+        Envoy's panic threshold); failing that, any (a retry on a one-endpoint
+        service goes to the same endpoint again, as in Envoy)."""
         ejected = self.outlier.ejected(now) if self.outlier else frozenset()
         backends = self.config.backends
         return (self.balancer.pick(backends, key, exclude=tried | ejected)
-                or self.balancer.pick(backends, key, exclude=tried))
+                or self.balancer.pick(backends, key, exclude=tried)
+                or self.balancer.pick(backends, key))
 
 
 @dataclass

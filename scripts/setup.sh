@@ -13,9 +13,11 @@ die() { printf 'setup: error: %s\n' "$*" >&2; exit 1; }
 
 # 1. Debian packages. BCC comes from Debian (python3-bpfcc); PyPI's "bcc" is an
 #    unrelated project. iptables/nftables are only read by the tests, to prove
-#    that nodemesh installs no rule.
+#    that nodemesh installs no rule; haproxy, iperf3, wrk, nginx, sockperf and
+#    nghttp2 are the benchmark peers and the tests' real clients and servers.
 pkgs=(python3 python3-venv python3-bpfcc bpftool linux-headers-amd64 iproute2
-      curl iptables nftables procps psmisc)
+      curl iptables nftables procps psmisc haproxy iperf3 wrk nginx sockperf
+      nghttp2-client nghttp2-server)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
@@ -23,8 +25,18 @@ done
 if [ ${#missing[@]} -gt 0 ]; then
   say "installing Debian packages: ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
+  # nginx, haproxy and the like are benchmark peers the run starts itself in
+  # sandbox pods: their packages must not start host-wide services.
+  guard=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d && chmod +x /usr/sbin/policy-rc.d
+    guard=/usr/sbin/policy-rc.d
+  fi
+  trap '[ -n "$guard" ] && rm -f "$guard"' EXIT
   apt-get update -q >/dev/null
   apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+  [ -n "$guard" ] && rm -f "$guard"
+  guard=""
 fi
 
 # 2. Kernel headers: BCC compiles against /lib/modules/$(uname -r)/build. The
@@ -68,7 +80,7 @@ fi
 site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 # Only BCC, not all of Debian's dist-packages, so that nothing shadows the pins.
 if [ ! -e "$site/bcc" ]; then
-  ln -s /usr/lib/python3/dist-packages/bcc "$site/bcc"
+  ln -sfn /usr/lib/python3/dist-packages/bcc "$site/bcc"  # -f: replaces a dangling link
 fi
 "$venv/bin/python" -c 'import bcc' 2>/dev/null || die "bcc is not importable from $venv: is python3-bpfcc installed?"
 say "ready ($venv)"
