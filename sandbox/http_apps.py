@@ -9,6 +9,7 @@ keep-alive): ``python -m sandbox.http_apps --port P --name N``.
   POST/PUT /echo           the request body back (streamed in 64 KiB reads)
   GET /random/<n>/<seed>   n deterministic pseudo-random bytes (streamed)
   POST /sink               reads the body, answers {"size", "sha256"} of it
+  GET with Upgrade: websocket   101, then echoes raw bytes (a tunnel)
 With --fail every GET answers 500 (a broken endpoint); with --flaky N every N-th 503.
 It prints one JSON line when listening, then serves until killed.
 """
@@ -53,6 +54,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
                            "traceparent": self.headers.get("traceparent")}).encode() + b"\n"
 
     def do_GET(self) -> None:
+        if (self.headers.get("upgrade") or "").lower() == "websocket":
+            self._tunnel()
+            return
         if FAIL_ALL:
             self._send(500, self._info())
             return
@@ -86,6 +90,19 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self._send(200, self._info())
 
     do_HEAD = do_GET
+
+    def _tunnel(self) -> None:
+        """Accept an Upgrade (101) and echo raw bytes until the client closes: enough
+        of WebSocket to prove the proxy switches to a byte tunnel."""
+        self.send_response(101)
+        self.send_header("connection", "upgrade")
+        self.send_header("upgrade", "websocket")
+        self.send_header("x-server", self.server_name)
+        self.end_headers()
+        self.wfile.flush()
+        while chunk := self.connection.recv(65536):
+            self.connection.sendall(chunk)
+        self.close_connection = True
 
     def do_POST(self) -> None:
         length = int(self.headers.get("content-length") or 0)
