@@ -21,13 +21,11 @@ from agent.instance import Instance
 from nodemesh.errors import UserError
 
 BPF_DIR = Path(__file__).resolve().parent.parent / "bpf"
-PROGRAM_SOURCES = ("connect4.c", "sockops.c")
+PROGRAM_SOURCES = ("connect4.c", "connect6.c", "sockops.c")
 MAPS = ("nm_enrolled", "nm_services", "nm_pending", "nm_orig_dst", "nm_counters")
 # The sockmap L4 engine (experimental): its program and maps, compiled only when chosen.
 L4_ENGINES = ("userspace", "sockmap")
 SPLICE_SOURCES = ("sk_skb.c",)
-SPLICE_MAPS = ("nm_splice", "nm_peer")
-SO_COOKIE = 57
 BPF_F_ALLOW_MULTI = 2
 
 
@@ -66,14 +64,15 @@ def _bpffs_mounted() -> bool:
         return any(line.split()[1:3] == ["/sys/fs/bpf", "bpf"] for line in f if line.strip())
 
 
-def program_text(l4_engine: str = "userspace") -> str:
+def program_text(sources: tuple[str, ...] = PROGRAM_SOURCES) -> str:
     # BCC rewrites map calls only in the main file, not in included headers,
     # so the header is inlined ahead of the programs instead of #included.
     header = (BPF_DIR / "nodemesh.h").read_text()
-    sources = PROGRAM_SOURCES
-    if l4_engine == "sockmap":
-        header = "#define NM_SPLICE 1\n" + header
-        sources = PROGRAM_SOURCES + SPLICE_SOURCES
+    if sources == SPLICE_SOURCES:
+        # A module of its own, so that the default engine's programs are compiled
+        # exactly as without it (in one text, clang folded nm_sockops's ctx reads
+        # into a computed offset the verifier refuses).
+        header = "#define NM_SPLICE_MODULE 1\n" + header
     bodies = [
         (BPF_DIR / name).read_text().replace('#include "nodemesh.h"', "")
         for name in sources
@@ -97,6 +96,7 @@ class BpfDatapath:
         self.cgroup_root = cgroup_root
         self.l4_engine = l4_engine
         self._splice_fd = -1  # nm_splice (SOCKHASH): BCC 0.26's Table cannot wrap it
+        self._splice_bpf: Any = None
         self._bpf: Any = None
         self._lib: Any = None
         self._attached: list[tuple[Any, int, Any]] = []
@@ -111,14 +111,23 @@ class BpfDatapath:
 
         self._lib = lib
         try:
-            self._bpf = BPF(text=program_text(self.l4_engine).encode())
+            self._bpf = BPF(text=program_text().encode())
+            if self.l4_engine == "sockmap":
+                self._splice_bpf = BPF(text=program_text(SPLICE_SOURCES).encode())
         except Exception as exc:  # BCC raises a bare Exception on compile errors
             raise UserError(f"BPF programs failed to compile: {exc} "
                             "(see the compiler output above)") from None
-        connect4 = self._bpf.load_func(
-            b"nm_connect4", BPF.CGROUP_SOCK_ADDR, attach_type=BPFAttachType.CGROUP_INET4_CONNECT
-        )
-        sockops = self._bpf.load_func(b"nm_sockops", BPF.SOCK_OPS)
+        try:
+            connect4 = self._bpf.load_func(
+                b"nm_connect4", BPF.CGROUP_SOCK_ADDR,
+                attach_type=BPFAttachType.CGROUP_INET4_CONNECT)
+            connect6 = self._bpf.load_func(
+                b"nm_connect6", BPF.CGROUP_SOCK_ADDR,
+                attach_type=BPFAttachType.CGROUP_INET6_CONNECT)
+            sockops = self._bpf.load_func(b"nm_sockops", BPF.SOCK_OPS)
+        except Exception as exc:  # the verifier's log is on stderr already
+            raise UserError(f"the kernel refused a BPF program: {exc} (the verifier's log is "
+                            "above; this kernel may lack a feature nodemesh needs)") from None
         pin_dir = self.instance.pin_dir
         if pin_dir.exists():
             raise UserError(
@@ -137,6 +146,7 @@ class BpfDatapath:
         self._write_state()
         for fn, atype, label in (
             (connect4, BPFAttachType.CGROUP_INET4_CONNECT, "connect4"),
+            (connect6, BPFAttachType.CGROUP_INET6_CONNECT, "connect6"),
             (sockops, BPFAttachType.CGROUP_SOCK_OPS, "sock_ops"),
         ):
             pin = pin_dir / f"prog_{label}"
@@ -150,12 +160,12 @@ class BpfDatapath:
         for the sockets the proxy inserts, and goes away with the map."""
         from bcc import BPF, BPFAttachType
 
-        verdict = self._bpf.load_func(b"nm_splice_verdict", BPF.SK_SKB)
-        self._splice_fd = self._lib.bpf_table_fd(self._bpf.module, b"nm_splice")
+        verdict = self._splice_bpf.load_func(b"nm_splice_verdict", BPF.SK_SKB)
+        self._splice_fd = self._lib.bpf_table_fd(self._splice_bpf.module, b"nm_splice")
         if self._splice_fd < 0:
             raise UserError("nm_splice (SOCKHASH) has no fd: the sockmap engine cannot load")
         self._pin(self._splice_fd, pin_dir / "nm_splice")
-        self._pin(self._table("nm_peer").map_fd, pin_dir / "nm_peer")
+        self._pin(self._peer_fd(), pin_dir / "nm_peer")
         BPF.attach_func(verdict, self._splice_fd, BPFAttachType.SK_SKB_STREAM_VERDICT)
         self._attached.append((verdict, self._splice_fd, BPFAttachType.SK_SKB_STREAM_VERDICT))
         self.attachments.append(Attachment(verdict.name.decode(), "sk_skb_stream_verdict",
@@ -181,6 +191,13 @@ class BpfDatapath:
         if self._bpf is not None:
             self._bpf.cleanup()
             self._bpf = None
+        if self._splice_bpf is not None:
+            self._splice_bpf.cleanup()
+            self._splice_bpf = None
+            self._splice_fd = -1
+
+    def _peer_fd(self) -> int:
+        return int(self._splice_bpf[b"nm_peer"].map_fd)
 
     def _table(self, name: str) -> Any:
         return self._bpf[name.encode()]  # BCC wants bytes (str is deprecated)
@@ -246,7 +263,7 @@ class BpfDatapath:
         then ``first`` joins nm_splice, then ``second``: bytes ``first`` receives
         before ``second`` is in fail to redirect and turn that direction passthru
         (user space relays it, in order); ``second`` redirects from its first byte."""
-        peer_fd = self._table("nm_peer").map_fd
+        peer_fd = self._peer_fd()
         lib = self._lib
         for (_, cookie), (_, other) in ((first, second), (second, first)):
             key, val = ctypes.c_uint64(cookie), PeerVal(other, 0, 0, 0)
@@ -255,13 +272,14 @@ class BpfDatapath:
                 return False
         for fd, cookie in (first, second):
             key, sock = ctypes.c_uint64(cookie), ctypes.c_uint32(fd)
-            if lib.bpf_update_elem(self._splice_fd, ctypes.byref(key), ctypes.byref(sock), 0) != 0:
+            rc = lib.bpf_update_elem(self._splice_fd, ctypes.byref(key), ctypes.byref(sock), 0)
+            if rc != 0:
                 self.unsplice(first[1], second[1])
                 return False
         return True
 
     def unsplice(self, *cookies: int) -> None:
-        peer_fd = self._table("nm_peer").map_fd
+        peer_fd = self._peer_fd()
         for cookie in cookies:
             key = ctypes.c_uint64(cookie)
             self._lib.bpf_delete_elem(self._splice_fd, ctypes.byref(key))
@@ -270,7 +288,7 @@ class BpfDatapath:
     def spliced(self, cookie: int) -> tuple[int, bool] | None:
         """(bytes redirected from this socket to its peer, passthru) or None."""
         key, val = ctypes.c_uint64(cookie), PeerVal()
-        if self._lib.bpf_lookup_elem(self._table("nm_peer").map_fd, ctypes.byref(key),
+        if self._lib.bpf_lookup_elem(self._peer_fd(), ctypes.byref(key),
                                      ctypes.byref(val)) != 0:
             return None
         return val.bytes, bool(val.passthru)
@@ -290,7 +308,7 @@ class BpfDatapath:
             rows.append({"map": name, "entries": entries, "max_entries": table.max_entries,
                          "pin": str(self.instance.pin_dir / name)})
         if self.l4_engine == "sockmap":
-            table = self._table("nm_peer")
+            table = self._splice_bpf[b"nm_peer"]
             rows.append({"map": "nm_peer", "entries": sum(1 for _ in table.keys()),
                          "max_entries": table.max_entries, "pin": str(self.instance.pin_dir / "nm_peer")})
             rows.append({"map": "nm_splice", "entries": None, "max_entries": table.max_entries,
@@ -332,7 +350,7 @@ def uninstall(instance: Instance, keep_lock: bool = False) -> list[str]:
             cgroup = json.loads(state.read_text()).get("cgroup_root")
         except (OSError, ValueError):
             cgroup = None
-    for label in ("connect4", "sock_ops"):
+    for label in ("connect4", "connect6", "sock_ops"):
         pin = instance.pin_dir / f"prog_{label}"
         if cgroup and pin.exists() and Path(cgroup).exists():
             res = subprocess.run(["bpftool", "cgroup", "detach", cgroup, label, "pinned", str(pin)],

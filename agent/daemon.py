@@ -31,6 +31,7 @@ from dataplane.http1_proxy import Http1Proxy
 from dataplane.http2_proxy import Http2Proxy
 from dataplane.outbound import OutboundProxy
 from dataplane.services import ServiceTable
+from dataplane.splice import SockmapSplicer
 from dataplane.telemetry import Telemetry
 from dataplane.upstreams import Upstreams
 from nodemesh.errors import UserError
@@ -49,7 +50,8 @@ class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
         self.source = YamlDirectorySource(config.config_dir)
-        self.bpf = BpfDatapath(config.instance, config.cgroup_root)
+        self.bpf = BpfDatapath(config.instance, config.cgroup_root, config.l4_engine)
+        self.splicer = SockmapSplicer(self.bpf) if config.l4_engine == "sockmap" else None
         self.telemetry = Telemetry()
         glue = TelemetryGlue(self.telemetry, lambda: self.source.registry)
         self.flows = FlowTable(on_close=glue.on_tcp_close)
@@ -60,7 +62,8 @@ class Agent:
                                 on_request=glue.on_request, request_headers=request_headers)
         self.proxy = OutboundProxy(self.bpf.take_orig_dst, self.flows, config.connect_timeout,
                                    http=self.http, sniff_window=config.sniff_window,
-                                   on_tcp_open=glue.on_tcp_open, http2=self.http2)
+                                   on_tcp_open=glue.on_tcp_open, http2=self.http2,
+                                   splicer=self.splicer)
         self.enroller = Enroller(self.proxy, self.bpf)
         self.embedded = config.xds_address is None
         address = config.xds_address or f"unix:{config.instance.run_dir / 'xds.sock'}"
@@ -200,6 +203,8 @@ class Agent:
             ],
             "proxy": dict(self.proxy.stats, active_flows=len(self.flows),
                           total_flows=self.flows.total_opened),
+            "l4_engine": self.config.l4_engine,
+            "splice": dict(self.splicer.stats) if self.splicer is not None else None,
             "http": dict(self.http.stats),
             "http2": dict(self.http2.stats,
                           upstream_connections=self.http2.open_upstream_connections()),

@@ -68,6 +68,7 @@ enum nm_counter {
 #define NM_MAX_ENROLLED   4096
 #define NM_MAX_FLOWS      65536
 
+#ifndef NM_SPLICE_MODULE
 /* Maps, shared by all programs of one load. */
 BPF_HASH(nm_enrolled, __u64, __u32, NM_MAX_ENROLLED);                 /* netns cookie -> 1 */
 BPF_HASH(nm_services, struct nm_svc_key, struct nm_svc_val, NM_MAX_SERVICES);
@@ -84,5 +85,21 @@ static __always_inline void nm_count(int idx)
     if (v)
         *v += 1;
 }
+
+#else
+/* The sockmap L4 engine (--l4-engine sockmap, bpf/sk_skb.c), compiled as a
+ * module of its own (agent/bpf_loader.py): the proxy's spliced socket pairs,
+ * keyed by socket cookie, and each socket's peer. */
+#define NM_MAX_SPLICED    65536
+struct nm_peer_val {
+    __u64 peer;       /* the peer socket's cookie (its key in nm_splice) */
+    __u64 bytes;      /* bytes redirected from this socket to its peer */
+    __u32 passthru;   /* 1: a redirect failed once, so this direction stays in
+                       * user space for good (keeps the byte order) */
+    __u32 pad;
+};
+BPF_SOCKHASH(nm_splice, __u64, NM_MAX_SPLICED);
+BPF_HASH(nm_peer, __u64, struct nm_peer_val, NM_MAX_SPLICED);
+#endif
 
 #endif

@@ -41,6 +41,9 @@ class RelaySide(asyncio.Protocol):
         self.got_eof = False
         self.closed = False
         self._buffer: list[bytes] = []  # bytes that arrived before the peer was linked
+        # Replaces the default EOF forwarding (the sockmap engine must first wait
+        # for the kernel to hand the peer every spliced byte).
+        self.on_eof: Callable[[], None] | None = None
 
     def peek_buffer(self) -> bytes:
         return b"".join(self._buffer)
@@ -80,7 +83,9 @@ class RelaySide(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.got_eof = True
-        if self.peer is not None:
+        if self.on_eof is not None:
+            self.on_eof()
+        elif self.peer is not None:
             self._forward_eof()
         return True  # keep our write side open: half-close
 

@@ -89,6 +89,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-address", default="0.0.0.0:15020", metavar="HOST:PORT",
                    help="where to serve Prometheus /metrics (Istio's standard metrics); "
                         "'' to turn off (default 0.0.0.0:15020)")
+    p.add_argument("--l4-engine", choices=("userspace", "sockmap"), default="userspace",
+                   help="how plain TCP flows are forwarded: 'userspace' (default) relays in the "
+                        "proxy; 'sockmap' (EXPERIMENTAL) splices the downstream and upstream "
+                        "sockets in the kernel (SOCKHASH + sk_skb stream verdict), the proxy "
+                        "keeping only EOF and half-close; see bench/README.md for what it passes")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
 
     for name, helptext in (
@@ -154,7 +159,8 @@ def run_agent(args: argparse.Namespace) -> int:
                          xds_address=args.xds_address, xds_mode=args.xds_mode,
                          state_dir=args.state_dir, connect_timeout=args.connect_timeout,
                          sniff_window=args.sniff_window,
-                         metrics_address=args.metrics_address or None)
+                         metrics_address=args.metrics_address or None,
+                         l4_engine=args.l4_engine)
     agent = Agent(config)
     uvloop.run(agent.run())
     return 0
@@ -192,7 +198,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             k = next((v for (t, n), v in kernel.items() if n and a["program"].startswith(n)), None)
             rows.append({"program": a["program"], "hook": a["attach_type"], "cgroup": a["cgroup"],
                          "id": k.get("id") if k else None,
-                         "attached": "yes" if k else "NOT FOUND", "pin": a["pin"]})
+                         "attached": "yes" if k else ("map" if a["cgroup"].startswith("map ")
+                                                      else "NOT FOUND"), "pin": a["pin"]})
         out.append(table(rows, [("program", "PROGRAM"), ("hook", "HOOK"), ("id", "ID"),
                                 ("attached", "ATTACHED"), ("cgroup", "CGROUP"), ("pin", "PIN")]))
         out += ["", "maps"]

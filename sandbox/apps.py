@@ -145,7 +145,10 @@ async def flood(args: argparse.Namespace) -> None:
 def probe(args: argparse.Namespace) -> None:
     host, port = _addr(args.target)
     t0 = time.monotonic()
-    s = socket.socket(type=socket.SOCK_DGRAM if args.udp else socket.SOCK_STREAM)
+    family = socket.AF_INET6 if args.v4mapped else socket.AF_INET
+    if args.v4mapped:
+        host = f"::ffff:{host}"  # how a dual-stack client reaches an IPv4 address
+    s = socket.socket(family, socket.SOCK_DGRAM if args.udp else socket.SOCK_STREAM)
     s.settimeout(args.timeout)
     if args.mark is not None:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, args.mark)
@@ -189,6 +192,8 @@ def main(argv: list[str] | None = None) -> None:
     a.add_argument("--timeout", type=float, default=3.0)
     a.add_argument("--udp", action="store_true", help="a UDP socket instead of TCP")
     a.add_argument("--mark", type=lambda v: int(v, 0), help="SO_MARK to set on the socket")
+    a.add_argument("--v4mapped", action="store_true",
+                   help="a dual-stack AF_INET6 socket to ::ffff:<ip>, as grpcio and Java connect")
     args = p.parse_args(argv)
     if args.app == "probe":
         probe(args)

@@ -32,7 +32,7 @@ def test_agent_stop_detaches_unpins_and_stops_redirecting(fresh_scenario: Scenar
     sc = fresh_scenario
     sc.start_agent()
     inst = Instance(sc.instance)
-    assert inst.pin_dir.is_dir() and len(attached(sc.sb.pods_cgroup)) == 2
+    assert inst.pin_dir.is_dir() and len(attached(sc.sb.pods_cgroup)) == 3
     assert sc.app(sc.shop_client, "probe", "--target", WEB)["ok"]
     assert sc.stop_agent() == 0
     assert not inst.pin_dir.exists()
@@ -51,9 +51,10 @@ def test_crashed_agent_is_cleaned_by_uninstall(fresh_scenario: Scenario) -> None
     sc.agent.wait(10)
     inst = Instance(sc.instance)
     assert inst.pin_dir.is_dir()
-    assert len(attached(sc.sb.pods_cgroup)) == 2  # the pinned programs stay attached
+    assert len(attached(sc.sb.pods_cgroup)) == 3  # the pinned programs stay attached
     res = sc.cli("uninstall", "--instance", sc.instance)
     assert "detached connect4" in res.stdout and "detached sock_ops" in res.stdout
+    assert "detached connect6" in res.stdout
     assert attached(sc.sb.pods_cgroup) == []
     assert not inst.pin_dir.exists()
     again = sc.cli("uninstall", "--instance", sc.instance)
@@ -69,7 +70,7 @@ def test_a_second_agent_with_the_same_instance_is_refused(fresh_scenario: Scenar
     assert f"pid {sc.agent.pid}" in res.stderr and "is running" in res.stderr  # type: ignore[union-attr]
     # ... and it touched nothing of the first one's.
     assert sc.cli_json("status")["pid"] == sc.agent.pid  # type: ignore[union-attr]
-    assert len(attached(sc.sb.pods_cgroup)) == 2
+    assert len(attached(sc.sb.pods_cgroup)) == 3
     assert sc.app(sc.shop_client, "probe", "--target", WEB)["ok"]
     refused = sc.cli("uninstall", "--instance", sc.instance, check=False)
     assert refused.returncode == 1 and "is running" in refused.stderr
@@ -83,7 +84,7 @@ def test_agent_restarted_after_a_crash_cleans_up_and_serves(fresh_scenario: Scen
     sc.agent.wait(10)
     sc.start_agent()
     assert "cleaned up after a previous agent" in sc.log_text()
-    assert len(attached(sc.sb.pods_cgroup)) == 2  # the old pair went, a new pair came
+    assert len(attached(sc.sb.pods_cgroup)) == 3  # the old pair went, a new pair came
     assert sc.app(sc.shop_client, "probe", "--target", WEB)["ok"]
 
 

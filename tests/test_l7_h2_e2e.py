@@ -45,12 +45,8 @@ class H2:
         self.sc = sc
         sb, m = sc.sb, sc.manifests
         # grpcio (gRPC core) connects IPv4 addresses over a dual-stack IPv6 socket, as
-        # ::ffff:a.b.c.d, whenever the netns has IPv6: cgroup/connect6 would see it, and the
-        # agent has no connect6 program yet (README, "IPv4 only"), so the call would go to the
-        # bare VIP and time out. With IPv6 off in the client pod, gRPC core uses AF_INET.
-        res = sc.shop_client.run(["sysctl", "-q", "-w", "net.ipv6.conf.all.disable_ipv6=1",
-                                  "net.ipv6.conf.default.disable_ipv6=1", "net.ipv6.conf.lo.disable_ipv6=1"])
-        assert res.returncode == 0, res.stderr
+        # ::ffff:a.b.c.d, whenever the netns has IPv6 (it has here): these calls go
+        # through cgroup/connect6's v4-mapped redirect (bpf/connect6.c).
         self.greeters: list[Pod] = [sb.add_pod(f"greeter-{i}", "shop", {"app": "greeter"})
                                     for i in range(3)]
         for p in self.greeters:

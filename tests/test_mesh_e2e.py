@@ -119,6 +119,17 @@ def test_proxy_marked_sockets_and_udp_are_never_redirected(mesh: Scenario) -> No
     assert mesh.counter("connect4", "redirected") == before
 
 
+def test_dual_stack_client_is_redirected_too(mesh: Scenario) -> None:
+    """An AF_INET6 socket connecting to ::ffff:<VIP> (grpcio and Java do this)
+    goes through connect6 and the same proxy; unenrolled pods stay untouched."""
+    before = mesh.counter("connect4", "redirected")
+    res = mesh.app(mesh.shop_client, "probe", "--target", WEB, "--v4mapped")
+    assert res["ok"] and '"server": "web-' in res["data"], res
+    assert mesh.counter("connect4", "redirected") == before + 1
+    legacy = mesh.app(mesh.legacy_client, "probe", "--target", WEB, "--v4mapped")
+    assert not legacy["ok"]
+
+
 def test_opted_out_pod_is_not_enrolled(mesh: Scenario) -> None:
     rows = {r["pod"]: r for r in mesh.cli_json("workloads")}
     assert rows["shop/batch"]["enrolled"] is False
