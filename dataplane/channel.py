@@ -41,6 +41,7 @@ class EventChannel(asyncio.Protocol):
         self.error: Exception | None = None
         self.bytes_in = 0
         self.bytes_out = 0
+        self.on_lost: Callable[[], None] | None = None  # e.g. a circuit breaker's slot
 
     # -- asyncio.Protocol ---------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -74,6 +75,9 @@ class EventChannel(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.error = exc
+        if self.on_lost is not None:
+            on_lost, self.on_lost = self.on_lost, None
+            on_lost()
         self._writable.set()
         self._wake()
 

@@ -39,7 +39,7 @@ from dataplane.protocols.http1 import (
 )
 from dataplane.routing import Route
 from dataplane.services import ServiceEntry
-from dataplane.upstreams import ClusterRuntime, Upstream, Upstreams
+from dataplane.upstreams import ClusterRuntime, Overflow, Upstream, Upstreams
 
 log = logging.getLogger("nodemesh.http")
 
@@ -296,10 +296,10 @@ class Http1Proxy:
         try:
             try:
                 limit = _remaining(deadline, policy.per_try_timeout if policy else None)
-                resp, up = await self._exchange(pod_key, netns_fd, backend, head, headers, body,
+                resp, up = await self._exchange(pod_key, netns_fd, runtime, backend, head, headers, body,
                                                 limit)
             except _Failed as f:
-                if runtime.outlier is not None:
+                if runtime.outlier is not None and f.failure is not Failure.OVERFLOW:
                     origin = LocalOrigin.TIMEOUT if f.failure is Failure.PER_TRY_TIMEOUT else \
                         LocalOrigin.CONNECT_FAILED if f.failure is Failure.CONNECT_FAILURE else \
                         LocalOrigin.RESET
@@ -340,7 +340,8 @@ class Http1Proxy:
             if up is not None:
                 up.channel.close()
 
-    async def _exchange(self, pod_key: str, netns_fd: int, backend: Backend, head: RequestHead,
+    async def _exchange(self, pod_key: str, netns_fd: int, runtime: ClusterRuntime,
+                        backend: Backend, head: RequestHead,
                         headers: list[tuple[bytes, bytes]], body: RequestBody,
                         limit: float | None) -> tuple[ResponseHead, Upstream]:
         """Send the request, return the final response head (1xx are skipped)."""
@@ -348,8 +349,11 @@ class Http1Proxy:
         for fresh in (False, True):
             try:
                 up, reused = await asyncio.wait_for(
-                    self.upstreams.acquire(pod_key, netns_fd, backend, self.connect_timeout),
+                    self.upstreams.acquire(pod_key, netns_fd, backend, self.connect_timeout,
+                                           runtime),
                     _remaining(loop_deadline, None))
+            except Overflow:
+                raise _Failed(Failure.OVERFLOW, "UO", 503) from None
             except (TimeoutError, OSError) as exc:
                 if isinstance(exc, asyncio.TimeoutError) and loop_deadline is not None \
                         and time.monotonic() >= loop_deadline:

@@ -415,3 +415,26 @@ def test_ring_hash_keeps_a_user_on_one_endpoint(l7: L7) -> None:
         assert len(set(chosen.values())) >= 2, chosen  # and users are spread
     finally:
         _remove(l7, "policy-rh.yaml", "RING_HASH")
+
+
+def test_max_connections_queues_and_max_pending_overflows(l7: L7) -> None:
+    """maxConnections 1, maxPendingRequests 1: with one slow request holding the only
+    connection, a second waits for it (and succeeds), a third overflows: 503 UO."""
+    _apply(l7, "policy-cbc.yaml",
+           _policy_yaml("  circuitBreaker: {maxConnections: 1, maxPendingRequests: 1}\n"),
+           '"maxPendingRequests": 1')
+    try:
+        import time
+        first = l7.sc.shop_client.spawn(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                                         f"{API}/slow/1500"], stdout=subprocess.PIPE, text=True)
+        time.sleep(0.5)
+        second = l7.sc.shop_client.spawn(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                                          f"{API}/slow/10"], stdout=subprocess.PIPE, text=True)
+        time.sleep(0.3)
+        code, headers, _ = _curl_one(l7, f"{API}/third")
+        assert code == 503 and headers.get("x-nodemesh-response-flags") == "UO", (code, headers)
+        out1, _ = first.communicate(timeout=20)
+        out2, _ = second.communicate(timeout=20)
+        assert (out1, out2) == ("200", "200")  # the pending one got the connection after
+    finally:
+        _remove(l7, "policy-cbc.yaml", '"maxPendingRequests": 1')
