@@ -86,6 +86,43 @@ static __always_inline void nm_count(int idx)
         *v += 1;
 }
 
+/* The redirect rule shared by connect4.c and connect6.c, for a TCP connect to
+ * the IPv4 destination ip (network order) : port (network order, as in ctx).
+ * Returns 1 when the caller must rewrite the destination to the in-pod
+ * listener; the original destination is then parked under the socket cookie
+ * for sockops.c. Counts every outcome. */
+static __always_inline int nm_should_redirect(struct bpf_sock_addr *ctx, __u32 ip, __u32 port)
+{
+    if (ctx->type != NM_SOCK_STREAM) {
+        nm_count(NM_CONNECT4_PASS_OTHER);
+        return 0;
+    }
+    struct bpf_sock *sk = ctx->sk;
+    if (sk && sk->mark == NM_PROXY_MARK) {
+        nm_count(NM_CONNECT4_PASS_PROXY);
+        return 0;
+    }
+    __u64 netns = bpf_get_netns_cookie(ctx);
+    if (!nm_enrolled.lookup(&netns)) {
+        nm_count(NM_CONNECT4_PASS_NOT_ENROLLED);
+        return 0;
+    }
+    struct nm_svc_key key = {};
+    key.ip = ip;
+    key.port = bpf_ntohs((__u16)port);
+    if (!nm_services.lookup(&key)) {
+        nm_count(NM_CONNECT4_PASS_NOT_SERVICE);
+        return 0;
+    }
+    __u64 cookie = bpf_get_socket_cookie(ctx);
+    struct nm_orig_dst orig = {};
+    orig.ip = key.ip;
+    orig.port = key.port;
+    nm_pending.update(&cookie, &orig);
+    nm_count(NM_CONNECT4_REDIRECTED);
+    return 1;
+}
+
 #else
 /* The sockmap L4 engine (--l4-engine sockmap, bpf/sk_skb.c), compiled as a
  * module of its own (agent/bpf_loader.py): the proxy's spliced socket pairs,

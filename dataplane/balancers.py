@@ -334,3 +334,13 @@ def hash_key_for(policy: HashPolicy | Sequence[HashPolicy], headers: Mapping[str
     if len(parts) == 1:
         return parts[0]
     return b"".join(len(p).to_bytes(4, "big") + p for p in parts)
+
+
+def parse_cookies(headers: Mapping[str, str]) -> dict[str, str]:
+    """The request's cookies (from its ``cookie`` header), for cookie hash policies."""
+    out = {}
+    for part in headers.get("cookie", "").split(";"):
+        k, _, v = part.strip().partition("=")
+        if k:
+            out[k] = v
+    return out

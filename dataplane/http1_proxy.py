@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from dataplane.backend import Backend
-from dataplane.balancers import hash_key_for
+from dataplane.balancers import hash_key_for, parse_cookies
 from dataplane.channel import ChannelClosed, EventChannel
 from dataplane.policy.circuit_breaker import Resource
 from dataplane.policy.outlier import LocalOrigin
@@ -146,15 +146,6 @@ def _header_map(head: RequestHead) -> dict[str, str]:
     return out
 
 
-def _cookies(headers: dict[str, str]) -> dict[str, str]:
-    out = {}
-    for part in headers.get("cookie", "").split(";"):
-        k, _, v = part.strip().partition("=")
-        if k:
-            out[k] = v
-    return out
-
-
 class Http1Proxy:
     def __init__(self, upstreams: Upstreams, connect_timeout: float,
                  on_request: Callable[[RequestRecord], None] | None = None,
@@ -248,7 +239,7 @@ class Http1Proxy:
             headers, rec.request_id, rec.traceparent = self.request_headers(headers)
         key = None
         if action.hash_policies:
-            key = hash_key_for(list(action.hash_policies), hmap, _cookies(hmap), rec.pod_ip)
+            key = hash_key_for(list(action.hash_policies), hmap, parse_cookies(hmap), rec.pod_ip)
         deadline = now + action.timeout if action.timeout else None
         retry = action.retry
         tried: set[Backend] = set()

@@ -37,7 +37,7 @@ from typing import cast
 from urllib.parse import quote
 
 from dataplane.backend import Backend
-from dataplane.balancers import hash_key_for
+from dataplane.balancers import hash_key_for, parse_cookies
 from dataplane.connect import connect_from_pod
 from dataplane.http1_proxy import FLAGS_HEADER, REPLAY_LIMIT, RequestRecord
 from dataplane.policy.circuit_breaker import Resource
@@ -578,7 +578,7 @@ class _Exchange:
         self.up_headers = tuple(pseudo + list(regular))
         key = None
         if action.hash_policies:
-            key = hash_key_for(list(action.hash_policies), self.hmap, _cookies(self.hmap), rec.pod_ip)
+            key = hash_key_for(list(action.hash_policies), self.hmap, parse_cookies(self.hmap), rec.pod_ip)
         deadline = now + action.timeout if action.timeout else None
         policy = action.retry
         tried: set[Backend] = set()
@@ -1119,15 +1119,6 @@ def _header_map(headers: Iterable[Header]) -> dict[str, str]:
         out.setdefault(name.decode("latin-1").lower(), value.decode("latin-1"))
     if ":authority" in out:
         out.setdefault("host", out[":authority"])
-    return out
-
-
-def _cookies(headers: dict[str, str]) -> dict[str, str]:
-    out = {}
-    for part in headers.get("cookie", "").split(";"):
-        k, _, v = part.strip().partition("=")
-        if k:
-            out[k] = v
     return out
 
 
