@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -63,7 +64,7 @@ from dataplane.protocols.http2 import (
 from dataplane.relay import HIGH_WATER, reset
 from dataplane.routing import Route
 from dataplane.services import ServiceEntry
-from dataplane.upstreams import ClusterRuntime, Upstreams
+from dataplane.upstreams import ClusterRuntime, Overflow, Upstreams
 
 log = logging.getLogger("nodemesh.http2")
 
@@ -316,6 +317,7 @@ class _UpConn(_Conn):
         self.key = key
         self.streams: dict[int, _Exchange] = {}
         self.goaway = False
+        self.runtime: ClusterRuntime | None = None  # whose circuit breaker counts it
 
     @property
     def has_room(self) -> bool:
@@ -392,36 +394,57 @@ class _UpstreamPool:
         self.conns: dict[tuple[str, Backend], list[_UpConn]] = {}
         self._connecting: dict[tuple[str, Backend], asyncio.Future[_UpConn]] = {}
 
-    async def acquire(self, pod_key: str, netns_fd: int, backend: Backend, timeout: float) -> _UpConn:
-        """A connection with room for one more stream; raises OSError or TimeoutError."""
+    async def acquire(self, pod_key: str, netns_fd: int, backend: Backend, timeout: float,
+                      runtime: ClusterRuntime | None = None) -> _UpConn:
+        """A connection with room for one more stream; raises OSError, TimeoutError, or
+        Overflow when the cluster is at max_connections and max_pending_requests."""
         key = (pod_key, backend)
         while True:
             for conn in self.conns.get(key, ()):
                 if conn.has_room:
                     return conn
             pending = self._connecting.get(key)
-            if pending is None:
+            if pending is not None:
+                try:
+                    await asyncio.shield(pending)
+                except _ConnectAbandoned:
+                    pass  # open one ourselves
+                continue
+            if runtime is None or runtime.breaker.try_acquire(Resource.CONNECTIONS):
                 break
+            # At max_connections: wait as a pending request (bounded by
+            # max_pending_requests) for a stream slot or a connection to free up.
+            if not runtime.breaker.try_acquire(Resource.PENDING_REQUESTS):
+                raise Overflow("max_pending_requests")
             try:
-                await asyncio.shield(pending)
-            except _ConnectAbandoned:
-                pass  # open one ourselves
+                # A stream ending frees a slot without any event of ours: look
+                # again every 50 ms (the caller's deadline bounds the wait).
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(runtime.freed.wait(), 0.05)
+            finally:
+                runtime.breaker.release(Resource.PENDING_REQUESTS)
         fut: asyncio.Future[_UpConn] = asyncio.get_running_loop().create_future()
         self._connecting[key] = fut
         try:
             _, conn = await connect_from_pod(netns_fd, backend, timeout, lambda: _UpConn(self, key))
         except BaseException as exc:
+            if runtime is not None:
+                runtime.connection_closed()
             fut.set_exception(exc if isinstance(exc, Exception) else _ConnectAbandoned())
             fut.exception()  # retrieved: nobody may be waiting
             raise
         finally:
             self._connecting.pop(key, None)
+        conn.runtime = runtime
         self.proxy.stats["upstream_connects"] += 1
         self.conns.setdefault(key, []).append(conn)
         fut.set_result(conn)
         return conn
 
     def forget(self, conn: _UpConn) -> None:
+        runtime, conn.runtime = conn.runtime, None
+        if runtime is not None:
+            runtime.connection_closed()  # its circuit-breaker slot, once
         conns = self.conns.get(conn.key)
         if conns and conn in conns:
             conns.remove(conn)
@@ -621,7 +644,7 @@ class _Exchange:
         runtime.balancer.started(backend)
         try:
             try:
-                a, head = await self._send(backend, _remaining(
+                a, head = await self._send(runtime, backend, _remaining(
                     deadline, policy.per_try_timeout if policy else None))
             except _Failed as f:
                 return await self._failed(f, runtime, backend, deadline, policy, attempt)
@@ -654,7 +677,7 @@ class _Exchange:
                       deadline: float | None, policy: RetryPolicy | None, attempt: int) -> bool:
         """An attempt without a response: retry it, or answer the client."""
         self._drop_attempt()
-        if runtime.outlier is not None:
+        if runtime.outlier is not None and f.failure is not Failure.OVERFLOW:
             origin = LocalOrigin.TIMEOUT if f.failure is Failure.PER_TRY_TIMEOUT else \
                 LocalOrigin.CONNECT_FAILED if f.failure is Failure.CONNECT_FAILURE else LocalOrigin.RESET
             runtime.outlier.record(backend, origin, time.monotonic())
@@ -672,15 +695,19 @@ class _Exchange:
                           "upstream connect error or disconnect/reset before headers")
         return True
 
-    async def _send(self, backend: Backend, limit: float | None) -> tuple[_Attempt, ResponseHeaders]:
+    async def _send(self, runtime: ClusterRuntime, backend: Backend,
+                    limit: float | None) -> tuple[_Attempt, ResponseHeaders]:
         """Open a stream to ``backend``, send the request, return the final response head."""
         ctx = self.down.ctx
         until = None if limit is None else time.monotonic() + limit
         for _ in range(REFUSED_RETRIES + 1):
             try:
                 conn = await asyncio.wait_for(
-                    self.proxy.pool.acquire(ctx.pod_key, ctx.netns_fd, backend, self.proxy.connect_timeout),
+                    self.proxy.pool.acquire(ctx.pod_key, ctx.netns_fd, backend, self.proxy.connect_timeout,
+                                            runtime),
                     _remaining(until, None))
+            except Overflow:
+                raise _Failed(Failure.OVERFLOW, "UO", 503) from None
             except TimeoutError:
                 if until is not None and time.monotonic() >= until:
                     raise _Failed(Failure.PER_TRY_TIMEOUT, "UT", 504) from None

@@ -529,3 +529,45 @@ def test_h2load_through_the_proxy(harness: Harness, origin: int) -> None:
 async def _call(fn: Callable[..., T], *args: Any) -> T:
     """Run a plain function on the proxy's loop (the H2 peers are not thread-safe)."""
     return fn(*args)
+
+
+def _statuses(client: Any, sids: list[int]) -> list[tuple[bytes, bytes | None]]:
+    out = []
+    for sid in sids:
+        head = next(dict(e.headers) for e in client.events
+                    if isinstance(e, ResponseHeaders) and e.stream_id == sid)
+        out.append((head[b":status"], head.get(b"x-nodemesh-response-flags")))
+    return out
+
+
+def test_max_connections_makes_streams_wait_for_a_slot_instead_of_a_new_connection(
+        harness: Harness, origin: int) -> None:
+    target = harness.service([origin], breaker=CircuitBreakerConfig(max_connections=1))
+    client = _connect(harness, target, window=1 << 20)
+    n = MAX_STREAMS_PER_UPSTREAM + 20
+
+    async def burst() -> list[int]:
+        return [client.get("/slow/300") for _ in range(n)]
+
+    sids = harness.run(burst())
+    harness.run(client.until(lambda: all(client.ended(s) for s in sids)))
+    assert all(client.body(s) == b"late\n" for s in sids)  # the extra 20 waited, then ran
+    assert Origin.connections == 1  # and no second connection was opened
+
+
+def test_max_pending_requests_overflow_is_503_uo(harness: Harness, origin: int) -> None:
+    target = harness.service([origin], breaker=CircuitBreakerConfig(max_connections=1,
+                                                                      max_pending_requests=5))
+    client = _connect(harness, target, window=1 << 20)
+    n = MAX_STREAMS_PER_UPSTREAM + 20
+
+    async def burst() -> list[int]:
+        return [client.get("/slow/300") for _ in range(n)]
+
+    sids = harness.run(burst())
+    harness.run(client.until(lambda: all(client.ended(s) for s in sids)))
+    statuses = _statuses(client, sids)
+    overflowed = [s for s in statuses if s == (b"503", b"UO")]
+    assert 10 <= len(overflowed) <= 15, statuses  # 20 over the slots, 5 may wait
+    assert statuses.count((b"200", None)) == n - len(overflowed)
+    assert Origin.connections == 1
