@@ -46,7 +46,7 @@ class TelemetryGlue:
 
     def on_request(self, rec: RequestRecord) -> None:
         dest, host = self._destination(rec.cluster)
-        grpc = getattr(rec, "grpc_status", None)
+        grpc = rec.grpc_status
         self.telemetry.request(
             self._source(rec.pod), dest, host,
             request_protocol="grpc" if grpc is not None else "http",
@@ -56,7 +56,7 @@ class TelemetryGlue:
             method=rec.method, path=rec.path, authority=rec.authority, upstream=rec.upstream,
             request_id=rec.request_id, traceparent=rec.traceparent, upstream_cluster=rec.cluster,
             downstream=rec.pod_ip, start_time=rec.started_wall,
-            protocol=getattr(rec, "protocol", None))
+            protocol=rec.protocol)
 
     def on_tcp_open(self, flow: Flow, cluster: str | None) -> None:
         dest, host = self._destination(cluster)

@@ -4,9 +4,21 @@ from __future__ import annotations
 
 from types import MappingProxyType
 
+from agent.xds_state import Record, XdsConfig, to_service_table
+from controlplane import naming
 from controlplane.registry import Endpoint, EndpointSet, Registry, Service, ServicePort
+from controlplane.translate import translate
 from dataplane.lb import RoundRobin
-from dataplane.services import build_service_table
+from dataplane.services import ServiceTable
+
+
+def build_service_table(reg: Registry) -> ServiceTable:
+    """The table the proxy gets for a registry: through xDS, as in the agent."""
+    snap = translate(reg)
+    cfg = XdsConfig()
+    for t in naming.TYPE_ORDER:
+        cfg = cfg.changed(t, [Record(n, r.version, r.packed()) for n, r in snap.of(t).items()], [])
+    return to_service_table(cfg)
 
 
 def ep(ip: str, ready: bool = True, **ports: int) -> Endpoint:
