@@ -23,7 +23,7 @@ class AgentConfig:
     connect_timeout: float = 1.0
     sniff_window: float = 0.25  # how long an undeclared port waits for a client's first bytes
     metrics_address: str | None = "0.0.0.0:15020"  # Prometheus /metrics, Istio's port
-    l4_engine: str = "userspace"  # userspace | sockmap (experimental in-kernel splice)
+    l4_engine: str = "userspace"  # userspace | splice (splice(2) via pipes) | sockmap (experimental)
 
     @property
     def config_store_path(self) -> Path:

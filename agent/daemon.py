@@ -30,6 +30,7 @@ from dataplane.flows import FlowTable
 from dataplane.http1_proxy import Http1Proxy
 from dataplane.http2_proxy import Http2Proxy
 from dataplane.outbound import OutboundProxy
+from dataplane.pipe_splice import PipeSplicer
 from dataplane.services import ServiceTable
 from dataplane.splice import SockmapSplicer
 from dataplane.telemetry import Telemetry
@@ -51,10 +52,14 @@ class Agent:
         self.config = config
         self.source = YamlDirectorySource(config.config_dir)
         self.bpf = BpfDatapath(config.instance, config.cgroup_root, config.l4_engine)
-        self.splicer = SockmapSplicer(self.bpf) if config.l4_engine == "sockmap" else None
         self.telemetry = Telemetry()
         glue = TelemetryGlue(self.telemetry, lambda: self.source.registry)
         self.flows = FlowTable(on_close=glue.on_tcp_close)
+        self.splicer: SockmapSplicer | PipeSplicer | None = None
+        if config.l4_engine == "sockmap":
+            self.splicer = SockmapSplicer(self.bpf)
+        elif config.l4_engine == "splice":
+            self.splicer = PipeSplicer(on_done=self.flows.close)
         self.upstreams = Upstreams()
         self.http = Http1Proxy(self.upstreams, config.connect_timeout,
                                on_request=glue.on_request, request_headers=request_headers)
@@ -142,6 +147,8 @@ class Agent:
                 with contextlib.suppress(BaseException):
                     await t
             await self.enroller.remove_all()
+            if isinstance(self.splicer, PipeSplicer):
+                self.splicer.close_all()
             self.upstreams.close_idle()
             self.http2.close()
             if runner is not None:

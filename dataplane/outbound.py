@@ -14,6 +14,7 @@ import logging
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from agent.bpf_layout import FlowKey
 from dataplane.connect import connect_from_pod
@@ -24,7 +25,6 @@ from dataplane.lb import RoundRobin
 from dataplane.protocols.detect import Sniffer
 from dataplane.relay import RelaySide, reset
 from dataplane.services import ServiceEntry, ServiceTable
-from dataplane.splice import SockmapSplicer
 
 log = logging.getLogger("nodemesh.outbound")
 
@@ -44,12 +44,22 @@ class PodContext:
 OrigDstLookup = Callable[[FlowKey], "tuple[str, int] | None"]
 
 
+class L4Engine(Protocol):
+    """Takes a connected flow over from the userspace relay (sockmap, splice(2))."""
+
+    stats: dict[str, int]
+
+    async def start(self, flow: Flow, down: RelaySide, up: RelaySide) -> bool:
+        """True: the engine owns the flow; False: nothing changed, relay it."""
+        ...
+
+
 class OutboundProxy:
     def __init__(self, orig_dst: OrigDstLookup, flows: FlowTable,
                  connect_timeout: float = 1.0, http: Http1Proxy | None = None,
                  sniff_window: float = 0.25,
                  on_tcp_open: Callable[[Flow, str | None], None] | None = None,
-                 http2: Http2Proxy | None = None, splicer: SockmapSplicer | None = None) -> None:
+                 http2: Http2Proxy | None = None, splicer: L4Engine | None = None) -> None:
         self.table = ServiceTable()
         self._orig_dst = orig_dst
         self.flows = flows
@@ -59,7 +69,7 @@ class OutboundProxy:
         self.http2 = http2
         self.sniff_window = sniff_window
         self.on_tcp_open = on_tcp_open
-        self.splicer = splicer  # the sockmap L4 engine, for plain TCP flows (experimental)
+        self.splicer = splicer  # an in-kernel L4 engine for plain TCP flows; None: the relay
         self.stats = {"accepted": 0, "no_original_dst": 0, "no_service": 0,
                       "no_endpoint": 0, "connect_failed": 0, "relayed": 0, "http": 0,
                       "http2": 0, "sniffed_http": 0, "sniffed_tcp": 0}
@@ -131,8 +141,7 @@ class OutboundProxy:
             self.stats["relayed"] += 1
             if self.on_tcp_open is not None:
                 self.on_tcp_open(flow, entry.cluster)
-            if self.splicer is not None and entry.protocol == "tcp" and \
-                    await self.splicer.start(flow, down, up):
+            if self.splicer is not None and await self.splicer.start(flow, down, up):
                 return
             # link() handles either side having gone away meanwhile.
             down.link(up)

@@ -89,11 +89,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-address", default="0.0.0.0:15020", metavar="HOST:PORT",
                    help="where to serve Prometheus /metrics (Istio's standard metrics); "
                         "'' to turn off (default 0.0.0.0:15020)")
-    p.add_argument("--l4-engine", choices=("userspace", "sockmap"), default="userspace",
-                   help="how plain TCP flows are forwarded: 'userspace' (default) relays in the "
-                        "proxy; 'sockmap' (EXPERIMENTAL) splices the downstream and upstream "
-                        "sockets in the kernel (SOCKHASH + sk_skb stream verdict), the proxy "
-                        "keeping only EOF and half-close; see bench/README.md for what it passes")
+    p.add_argument("--l4-engine", choices=("userspace", "splice", "sockmap"), default="userspace",
+                   help="how plain TCP flows are forwarded: 'userspace' (default) relays through "
+                        "the proxy's buffers; 'splice' moves each direction socket -> pipe -> "
+                        "socket with splice(2), no copy through user space; 'sockmap' "
+                        "(EXPERIMENTAL) splices the two sockets in the kernel (SOCKHASH + sk_skb "
+                        "stream verdict), the proxy keeping only EOF and half-close. "
+                        "bench/README.md has what each passes and measures")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
 
     for name, helptext in (
