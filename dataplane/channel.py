@@ -110,11 +110,25 @@ class EventChannel(asyncio.Protocol):
             self.transport.resume_reading()
         return ev
 
+    def ready(self) -> bool:
+        """An event is queued: next_event() returns without waiting."""
+        return bool(self._events)
+
     def write(self, data: bytes) -> None:
         if self.closed or self.transport is None or self.transport.is_closing():
             raise ChannelClosed("the peer closed the connection")
         self.bytes_out += len(data)
         self.transport.write(data)
+
+    def write_many(self, chunks: list[bytes]) -> None:
+        """Several pieces in one send (a response head and the body that came
+        with it): one syscall where separate writes cost one each."""
+        if not chunks:
+            return
+        if self.closed or self.transport is None or self.transport.is_closing():
+            raise ChannelClosed("the peer closed the connection")
+        self.bytes_out += sum(map(len, chunks))
+        self.transport.writelines(chunks)
 
     async def drain(self) -> None:
         await self._writable.wait()

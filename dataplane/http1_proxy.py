@@ -44,6 +44,7 @@ from dataplane.upstreams import ClusterRuntime, Overflow, Upstream, Upstreams
 log = logging.getLogger("nodemesh.http")
 
 REPLAY_LIMIT = 64 * 1024  # request body kept for a retry; beyond it a request is not retried
+FLUSH_BYTES = 256 * 1024  # a response's pieces held back for one send at most
 FLAGS_HEADER = b"x-nodemesh-response-flags"
 
 
@@ -392,18 +393,27 @@ class Http1Proxy:
         if framing == "eof":
             keep = False
         upgrade = resp.get(b"upgrade") if resp.status == 101 else None
-        down.write(serialize_response_head(
+        head = serialize_response_head(
             resp.status, resp.reason, resp.headers, framing=framing,
             content_length=resp.content_length if framing in ("length", "none") and
             resp.content_length is not None else None,
             keep_alive=keep, upgrade=upgrade,
-            peer_version=req.version))
+            peer_version=req.version)
         if resp.status == 101 or (req.method == b"CONNECT" and 200 <= resp.status < 300):
+            down.write(head)
             await _tunnel(down, up.channel, rec)
             return False
         chunked = framing == "chunked"
+        # What arrived together leaves together: the head and the body pieces already
+        # parsed go out in one send; we flush before waiting for more, or past a size.
+        out, held = [head], len(head)
+        upch = up.channel
         while True:
-            ev = await up.channel.next_event()
+            if out and (held >= FLUSH_BYTES or not upch.ready()):
+                down.write_many(out)
+                out, held = [], 0
+                await down.drain()
+            ev = await upch.next_event()
             if ev is None or isinstance(ev, ProtocolError):
                 # The upstream broke off mid-body: the client must not mistake a
                 # truncated body for a whole one.
@@ -412,13 +422,15 @@ class Http1Proxy:
                 return False
             if isinstance(ev, EndOfMessage):
                 if chunked:
-                    down.write(serialize_last_chunk(ev.trailers))
+                    out.append(serialize_last_chunk(ev.trailers))
+                down.write_many(out)
                 await down.drain()
                 return keep
             if isinstance(ev, Body):
                 rec.response_bytes += len(ev.data)
-                down.write(serialize_chunk(ev.data) if chunked else ev.data)
-                await down.drain()
+                piece = serialize_chunk(ev.data) if chunked else ev.data
+                out.append(piece)
+                held += len(piece)
 
 
 async def _tunnel(down: EventChannel, up: EventChannel, rec: RequestRecord) -> None:
