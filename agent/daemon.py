@@ -168,7 +168,8 @@ class Agent:
     async def reconcile(self, force: bool = False) -> None:
         """Enrollment stays local: pods and namespaces come from the node's own
         workload source, not from the control plane."""
-        changed = self.source.poll()
+        # Parsing thousands of manifests takes seconds: off the proxy's event loop.
+        changed = await asyncio.to_thread(self.source.poll)
         if changed:
             self.reloads += 1
             problems = tuple(str(p) for p in self.source.problems)

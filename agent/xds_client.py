@@ -200,11 +200,9 @@ class XdsClient:
                 t = resp.type_url
                 ack = discovery_pb2.DeltaDiscoveryRequest(type_url=t, response_nonce=resp.nonce)
                 try:
-                    upserts = [Record(r.name, r.version, r.resource) for r in resp.resources]
-                    for r in upserts:
-                        unpack(t, r.resource)
-                    candidate = self.config.changed(t, upserts, resp.removed_resources)
-                    table = to_service_table(candidate)
+                    candidate, table = await asyncio.to_thread(
+                        _delta_candidate, self.config, t, list(resp.resources),
+                        list(resp.removed_resources))
                 except Rejected as exc:
                     ack.error_detail.CopyFrom(self._nack(t, resp.nonce, str(exc)))
                     out.put_nowait(ack)
@@ -272,12 +270,8 @@ class XdsClient:
                 t = resp.type_url
                 nonces[t] = resp.nonce
                 try:
-                    records = []
-                    for packed in resp.resources:
-                        msg = unpack(t, packed)
-                        records.append(Record(name_of(t, msg), resp.version_info, packed))
-                    candidate = self.config.replaced(t, records, resp.version_info)
-                    table = to_service_table(candidate)
+                    candidate, table = await asyncio.to_thread(
+                        _sotw_candidate, self.config, t, list(resp.resources), resp.version_info)
                 except Rejected as exc:
                     request(t, self._nack(t, resp.nonce, str(exc)))
                     continue
@@ -305,3 +299,24 @@ class XdsClient:
                 "synced": self.synced.is_set(), "source": self.source,
                 "last_error": self.last_error, "accepted": self.accepted,
                 "rejected": self.rejected, "node": self.node.id, "types": types}
+
+
+# Validating a response means decoding it and building the whole service table: for
+# thousands of services that is seconds of Python, so it runs in a worker thread and
+# the proxy's event loop keeps serving meanwhile (responses are still handled one at
+# a time, in order: the coroutine awaits each before reading the next).
+def _delta_candidate(config: XdsConfig, type_url: str, resources: list[Any],
+                     removed: list[str]) -> tuple[XdsConfig, ServiceTable]:
+    upserts = [Record(r.name, r.version, r.resource) for r in resources]
+    for r in upserts:
+        unpack(type_url, r.resource)
+    candidate = config.changed(type_url, upserts, removed)
+    return candidate, to_service_table(candidate)
+
+
+def _sotw_candidate(config: XdsConfig, type_url: str, resources: list[Any],
+                    version: str) -> tuple[XdsConfig, ServiceTable]:
+    records = [Record(name_of(type_url, msg), version, packed)
+               for packed in resources for msg in (unpack(type_url, packed),)]
+    candidate = config.replaced(type_url, records, version)
+    return candidate, to_service_table(candidate)

@@ -106,6 +106,19 @@ class ControlPlane:
         """Re-read the folder if it changed; True when a new snapshot was installed.
         A folder gone or unreadable keeps the last good snapshot, like a bad file
         (``strict``: raise ``UserError`` instead, for the first read)."""
+        snapshot = self._read(strict)
+        return snapshot is not None and self._install(snapshot)
+
+    async def refresh(self) -> bool:
+        """``poll()`` with the parsing and translating in a worker thread: seconds
+        of Python for thousands of services, which must not stall the event loop
+        (the embedded control plane shares it with the node proxy). The snapshot
+        is installed on the loop, where the server reads it."""
+        snapshot = await asyncio.to_thread(self._read)
+        return snapshot is not None and self._install(snapshot)
+
+    def _read(self, strict: bool = False) -> Snapshot | None:
+        """The new snapshot when the folder changed, else None."""
         try:
             changed = self.source.poll()
         except UserError as exc:
@@ -114,18 +127,20 @@ class ControlPlane:
             if str(exc) != self._dir_problem:
                 log.error("config: %s (keeping the last good config)", exc)
                 self._dir_problem = str(exc)
-            return False
+            return None
         if self._dir_problem is not None:
             log.info("config: %s is readable again", self.source.directory)
             self._dir_problem = None
         if not changed:
-            return False
+            return None
         problems = tuple(str(p) for p in self.source.problems)
         for p in problems:
             if p not in self._reported:
                 log.error("config: %s", p)
         self._reported = problems
-        snapshot = translate(self.source.registry)
+        return translate(self.source.registry)
+
+    def _install(self, snapshot: Snapshot) -> bool:
         old = self.cache.snapshot
         if fingerprint(snapshot) == fingerprint(old) and self.cache.generation > 0:
             return False
@@ -172,7 +187,7 @@ class ControlPlane:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), poll_interval)
                 if not stop.is_set():
-                    self.poll()
+                    await self.refresh()
         finally:
             await self.stop()
             log.info("control plane on %s stopped", self.listen)

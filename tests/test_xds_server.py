@@ -619,3 +619,47 @@ def test_the_process_exits_cleanly_on_sigterm_and_reports_a_busy_port_in_one_lin
         if proc.poll() is None:
             proc.kill()
             proc.wait(5)
+
+
+def test_a_large_config_is_read_off_the_event_loop(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The embedded control plane shares the agent's event loop with the node
+    proxy: parsing and translating a big folder must leave the loop running
+    (a ticker keeps ticking meanwhile) and happen in a worker thread."""
+    import threading
+
+    import controlplane.service as service
+
+    threads: list[int] = []
+    real = service.translate
+
+    def spy(registry: object) -> object:
+        threads.append(threading.get_ident())
+        return real(registry)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(service, "translate", spy)
+
+    async def scenario() -> None:
+        cp = ControlPlane(tmp_path, "127.0.0.1:0")
+        cp.poll()  # the empty folder: an empty snapshot
+        _write(tmp_path, "many.yaml", [_svc_doc(f"s{i}", f"198.19.{i // 250}.{i % 250 + 1}", 80)
+                                       for i in range(400)])
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.002)
+                ticks += 1
+
+        t = asyncio.create_task(ticker())
+        await asyncio.sleep(0)
+        before = ticks
+        assert await cp.refresh()
+        during = ticks - before
+        t.cancel()
+        assert len(cp.cache.snapshot.of(CDS)) == 400
+        assert during >= 3, f"the loop ticked {during} times while 400 services were read"
+
+    run(scenario)
+    assert threads and threads[-1] != threading.get_ident()
