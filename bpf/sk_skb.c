@@ -20,12 +20,24 @@
 
 int nm_splice_verdict(struct __sk_buff *skb)
 {
-    /* A FIN-only skb carries no byte: redirected, it would reach the peer after
-     * the proxy shut the peer's write side down, and fail it with EPIPE. */
-    if (skb->len == 0)
-        return SK_PASS;
     __u64 cookie = bpf_get_socket_cookie(skb);
     struct nm_peer_val *p = nm_peer.lookup(&cookie);
+    /* A FIN-only skb carries no byte. TCP has already marked the socket
+     * RCV_SHUTDOWN when it reaches us, so the proxy sees EOF whatever we
+     * return; the skb itself must be dropped, never passed:
+     *  - SK_PASS queues it on this socket's psock->ingress_skb whenever that
+     *    queue is not empty, and that queue also holds the bytes the peer
+     *    redirected to this socket's egress. sk_psock_backlog() then hands
+     *    the 0-byte skb to sk_psock_skb_ingress(), which returns 0; the
+     *    backlog takes 0 for a hard error: sk_err = EPIPE and TX_ENABLED
+     *    cleared, so every byte still queued or redirected later to this
+     *    socket is stuck or dropped (net/core/skmsg.c, kernel 6.x).
+     *  - redirected, it would reach the peer after the proxy shut the peer's
+     *    write side down, and fail it with EPIPE.
+     * A passthru direction keeps SK_PASS for its data, but its FIN is dropped
+     * too, for the first reason. */
+    if (skb->len == 0)
+        return SK_DROP;
     if (!p || p->passthru)
         return SK_PASS;
     __u64 peer = p->peer;

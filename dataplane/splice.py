@@ -19,6 +19,11 @@ Ordering, which is the whole difficulty:
   (bytes acked + SIOCOUTQ >= what user space and the kernel sent it) and only
   then shuts down the peer's write side. Closing earlier would drop what the
   kernel still queues for the peer.
+- The verdict drops the FIN's empty skb (TCP has set RCV_SHUTDOWN already, so
+  user space still sees EOF). Passed, it joins the socket's psock queue behind
+  the bytes redirected to that socket, and the kernel's backlog worker takes
+  its 0-byte delivery for a hard error: EPIPE, transmit disabled, the rest of
+  the other direction stuck (see bpf/sk_skb.c).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ TCPI_BYTES_ACKED = 120  # offsets in struct tcp_info (u64 each)
 TCPI_BYTES_RECEIVED = 128
 KICK_EVERY = 0.01
 POLL = 0.002
+POLL_MAX = 0.05  # the EOF wait backs off to this: a slow reader can take seconds
 
 
 class SpliceMaps(Protocol):
@@ -164,10 +170,16 @@ class _Pair:
         if peer is None or peer.transport is None:
             return
         loop = asyncio.get_running_loop()
+        # eof_timeout bounds a wait without progress, not the whole wait: the
+        # splice has no backpressure from the peer's egress to this socket, so
+        # a server can finish (EOF) long before a slow client has read its
+        # bytes, which the kernel still holds for the peer and keeps sending.
         deadline = loop.time() + self.s.eof_timeout
         sock = peer.transport.get_extra_info("socket")
         src = side.transport.get_extra_info("socket") if side.transport is not None else None
         kicked = 0.0
+        last_have = -1
+        poll = POLL
         while not peer.closed and not peer.transport.is_closing() and src is not None:
             # Every byte ``side`` received (less its FIN) must be in the peer's
             # socket, whichever path it took: the verdict may not have run yet
@@ -177,20 +189,26 @@ class _Pair:
                     src.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 1)
                     kicked = loop.time()
                 want = tcp_counts(src)[1] - 1 - self.base[id(side)][1]
+                if self._passthru(side):
+                    self._drain(side, src)
                 have = (tcp_counts(sock)[0] - self.base[id(peer)][0]
                         + peer.transport.get_write_buffer_size())
             except OSError:
                 break
             if have >= want:
                 break
-            if loop.time() > deadline:
+            if have > last_have:
+                last_have = have
+                deadline = loop.time() + self.s.eof_timeout
+            elif loop.time() > deadline:
                 self.s.stats["eof_timeouts"] += 1
                 st = self.s.maps.spliced(self.cookie[id(side)])
-                log.warning("flow %d: peer took %d of %d bytes %.0fs after EOF (%s redirected by "
-                            "the verdict): shutting down anyway", self.flow.id, have, want,
-                            self.s.eof_timeout, st[0] if st else None)
+                log.warning("flow %d: peer took %d of %d bytes after EOF, none for %.0fs (%s "
+                            "redirected by the verdict): shutting down anyway", self.flow.id,
+                            have, want, self.s.eof_timeout, st[0] if st else None)
                 break
-            await asyncio.sleep(POLL)
+            await asyncio.sleep(poll)
+            poll = min(poll * 2, POLL_MAX)
         self.eof_done.add(id(side))
         if peer.transport.is_closing():
             return
@@ -200,6 +218,27 @@ class _Pair:
                 side.transport.close()
         elif peer.transport.can_write_eof():
             peer.transport.write_eof()
+
+    def _passthru(self, side: RelaySide) -> bool:
+        st = self.s.maps.spliced(self.cookie[id(side)])
+        return bool(st and st[1])
+
+    @staticmethod
+    def _drain(side: RelaySide, src: Any) -> None:
+        """A passthru direction after EOF: TCP sets RCV_SHUTDOWN as the FIN
+        arrives, so user space can see EOF while the psock backlog still
+        delivers earlier bytes of this socket (queued behind the peer's
+        redirected ones); asyncio no longer reads after EOF, so relay them
+        here, as data_received would. (Never for a spliced direction: there a
+        read could take bytes the verdict has not redirected yet, out of order.)"""
+        while True:
+            try:
+                data = src.recv(65536, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return
+            if not data:
+                return
+            side.data_received(data)
 
     def finish(self) -> None:
         """A side closed: account the spliced bytes and leave the maps (once)."""
