@@ -6,17 +6,22 @@ from __future__ import annotations
 import ctypes
 import enum
 import socket
+from functools import lru_cache
 
 LOOPBACK_IP = "127.0.0.1"
 OUTBOUND_PORT = 15001
 PROXY_MARK = 0x539
 
 
+# Cached: the proxy converts the same few pod, loopback and VIP addresses for
+# every connection it accepts.
+@lru_cache(maxsize=4096)
 def ip_to_u32(ip: str) -> int:
     """An IPv4 address as the u32 BPF stores it (network order in memory)."""
     return int.from_bytes(socket.inet_aton(ip), "little")
 
 
+@lru_cache(maxsize=4096)
 def u32_to_ip(value: int) -> str:
     return socket.inet_ntoa(value.to_bytes(4, "little"))
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.bpf_layout import COUNTER_PROGRAM, Counter, FlowKey, OrigDst, PeerVal, SvcKey, SvcVal
+from agent.bpf_syscall import MapElems
 from agent.cgroupfs import check_cgroup_root
 from agent.instance import Instance
 from nodemesh.errors import UserError
@@ -103,6 +104,10 @@ class BpfDatapath:
         self._cgroup_fd = -1
         self._pinned = False
         self.attachments: list[Attachment] = []
+        # nm_orig_dst through bpf(2) directly (one call per accepted connection),
+        # and the value buffer it fills
+        self._orig_dst: MapElems | None = None
+        self._orig_val = OrigDst()
 
     # -- lifecycle -------------------------------------------------------
     def load(self) -> None:
@@ -139,6 +144,7 @@ class BpfDatapath:
         self._pinned = True
         for name in MAPS:
             self._pin(self._table(name).map_fd, pin_dir / name)
+        self._orig_dst = MapElems(self._table("nm_orig_dst").map_fd)
         if self.l4_engine == "sockmap":
             self._load_splice(pin_dir)
         check_cgroup_root(self.cgroup_root)  # never the machine's root cgroup, whoever calls
@@ -188,6 +194,7 @@ class BpfDatapath:
             remove_pins(self.instance)
             self.instance.state_file.unlink(missing_ok=True)
             self._pinned = False
+        self._orig_dst = None  # its fd goes with the BPF object below
         if self._bpf is not None:
             self._bpf.cleanup()
             self._bpf = None
@@ -249,13 +256,11 @@ class BpfDatapath:
         return {(u32_to_ip(k.ip), k.port) for k in self._table("nm_services").keys()}
 
     def take_orig_dst(self, key: FlowKey) -> tuple[str, int] | None:
-        """Look up and delete a flow's original destination (one reader: the proxy)."""
-        fd = self._table("nm_orig_dst").map_fd
-        val = OrigDst()
-        if self._lib.bpf_lookup_elem(fd, ctypes.byref(key), ctypes.byref(val)) != 0:
+        """Look up and delete a flow's original destination (one reader: the proxy,
+        on its event-loop thread)."""
+        if self._orig_dst is None or not self._orig_dst.take(key, self._orig_val):
             return None
-        self._lib.bpf_delete_elem(fd, ctypes.byref(key))
-        return val.address()
+        return self._orig_val.address()
 
     # -- the sockmap engine's maps ------------------------------------------------
     def splice(self, first: tuple[int, int], second: tuple[int, int]) -> bool:

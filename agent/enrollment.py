@@ -21,6 +21,7 @@ from agent import netns
 from agent.bpf_layout import LOOPBACK_IP, OUTBOUND_PORT
 from controlplane.registry import MESH_LABEL, Registry
 from dataplane.outbound import MAX_CONNECT_ATTEMPTS, OutboundProxy, PodContext
+from dataplane.upstream_sockets import UpstreamSockets
 from nodemesh.errors import UserError
 
 log = logging.getLogger("nodemesh.enrollment")
@@ -124,7 +125,8 @@ class Enroller:
                 log.error("cannot enroll %s: %s", d.pod, exc)
             self.errors[d.pod] = str(exc)
             return
-        ctx = PodContext(key=d.pod, ip=d.ip, netns_fd=fd, netns_cookie=cookie)
+        ctx = PodContext(key=d.pod, ip=d.ip, netns_fd=fd, netns_cookie=cookie,
+                         sockets=UpstreamSockets(fd))
         ident = os.fstat(fd)
         server = await self.proxy.serve(ctx, listener)
         self.bpf.enroll(cookie)
@@ -139,6 +141,8 @@ class Enroller:
         e = self.enrolled.pop(key)
         self.bpf.unenroll(e.ctx.netns_cookie)
         e.server.close()
+        if e.ctx.sockets is not None:
+            e.ctx.sockets.close()  # idle sockets would keep a deleted netns alive
         # Live flows keep their sockets; only new connections stop. A handler
         # still connecting may yet create an upstream socket in this netns, so
         # the fd is closed only after the longest connect sequence could last

@@ -12,6 +12,7 @@ import contextlib
 import ctypes
 import os
 import socket
+import threading
 from collections.abc import Iterator
 
 from nodemesh.errors import UserError
@@ -22,6 +23,10 @@ SO_COOKIE = 57
 SO_NETNS_COOKIE = 71
 
 _libc = ctypes.CDLL(None, use_errno=True)
+# Each thread's own netns, opened once per thread: opening /proc/thread-self/ns/net
+# costs more than the two setns() calls around it, and the proxy enters a pod's
+# netns for every upstream connection.
+_home = threading.local()
 
 
 def _setns(fd: int) -> None:
@@ -55,15 +60,30 @@ def open_netns(path: str) -> int:
 @contextlib.contextmanager
 def entered(netns_fd: int) -> Iterator[None]:
     """Run the body inside ``netns_fd``, then return to this thread's own netns."""
-    home = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    home = _home_netns()
+    _setns(netns_fd)
     try:
-        _setns(netns_fd)
-        try:
-            yield
-        finally:
-            _setns(home)
+        yield
     finally:
-        os.close(home)
+        _setns(home)
+
+
+def _home_netns() -> int:
+    """This thread's netns (the one it runs in outside ``entered``), opened once.
+    It is kept for the thread's life (closed when the thread ends): a thread never
+    leaves its own netns except through ``entered``, so it always names the right one."""
+    home: _ThreadNetns | None = getattr(_home, "netns", None)
+    if home is None:
+        home = _home.netns = _ThreadNetns()
+    return home.fd
+
+
+class _ThreadNetns:
+    def __init__(self) -> None:
+        self.fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+
+    def __del__(self) -> None:  # the thread ended: its thread-local values go
+        os.close(self.fd)
 
 
 def netns_cookie_of_socket(sock: socket.socket) -> int:

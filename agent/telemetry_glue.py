@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from functools import lru_cache
 
 from controlplane import naming
 from controlplane.registry import Registry
@@ -31,18 +32,25 @@ class TelemetryGlue:
     def __init__(self, telemetry: Telemetry, registry: Callable[[], Registry]) -> None:
         self.telemetry = telemetry
         self._registry = registry
+        # Source peers by pod, for the registry they were read from: every
+        # connection needs one, and a new registry (a reload) replaces the lot.
+        self._sources: dict[str, Peer] = {}
+        self._sources_of: Registry | None = None
 
     def _source(self, pod_key: str) -> Peer:
-        ns, _, name = pod_key.partition("/")
-        pod = self._registry().pods.get(pod_key)
-        return Peer.from_pod_labels(name, ns, pod.labels if pod else {})
+        registry = self._registry()
+        if registry is not self._sources_of:
+            self._sources, self._sources_of = {}, registry
+        peer = self._sources.get(pod_key)
+        if peer is None:
+            ns, _, name = pod_key.partition("/")
+            pod = registry.pods.get(pod_key)
+            peer = self._sources[pod_key] = Peer.from_pod_labels(name, ns, pod.labels if pod else {})
+        return peer
 
-    def _destination(self, cluster: str | None) -> tuple[Peer, str]:
-        parsed = naming.parse_cluster_name(cluster) if cluster else None
-        if parsed is None:
-            return Peer(), "unknown"
-        service, ns, _ = parsed
-        return Peer(workload=service, namespace=ns, app=service), naming.host(service, ns)
+    @staticmethod
+    def _destination(cluster: str | None) -> tuple[Peer, str]:
+        return _destination_of(cluster)
 
     def on_request(self, rec: RequestRecord) -> None:
         dest, host = self._destination(rec.cluster)
@@ -71,3 +79,14 @@ class TelemetryGlue:
         self.telemetry.tcp_closed(flow.meta, sent=flow.bytes_received, received=flow.bytes_sent,
                                   duration_s=time.monotonic() - flow.started,
                                   upstream=flow.endpoint)
+
+
+@lru_cache(maxsize=1024)
+def _destination_of(cluster: str | None) -> tuple[Peer, str]:
+    """The destination peer and service host a cluster name stands for (cached:
+    the same few clusters serve every connection)."""
+    parsed = naming.parse_cluster_name(cluster) if cluster else None
+    if parsed is None:
+        return Peer(), "unknown"
+    service, ns, _ = parsed
+    return Peer(workload=service, namespace=ns, app=service), naming.host(service, ns)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 
 @dataclass(frozen=True)
@@ -11,6 +12,6 @@ class Backend:
     port: int
     pod: str | None = None
 
-    @property
+    @cached_property  # read for every connection to this endpoint
     def address(self) -> str:
         return f"{self.ip}:{self.port}"

@@ -13,7 +13,7 @@ import errno
 import logging
 import socket
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from agent.bpf_layout import FlowKey
@@ -25,6 +25,7 @@ from dataplane.lb import RoundRobin
 from dataplane.protocols.detect import Sniffer
 from dataplane.relay import RelaySide, reset
 from dataplane.services import ServiceEntry, ServiceTable
+from dataplane.upstream_sockets import UpstreamSockets
 
 log = logging.getLogger("nodemesh.outbound")
 
@@ -39,6 +40,8 @@ class PodContext:
     ip: str | None
     netns_fd: int
     netns_cookie: int
+    # Ready upstream sockets in this pod's netns (None: one made per connect).
+    sockets: UpstreamSockets | None = field(default=None, compare=False)
 
 
 OrigDstLookup = Callable[[FlowKey], "tuple[str, int] | None"]
@@ -126,7 +129,7 @@ class OutboundProxy:
             up = RelaySide(on_bytes=lambda n: _add_received(flow, n))
             try:
                 await connect_from_pod(pod.netns_fd, backend, self.connect_timeout,
-                                       lambda up=up: up)
+                                       lambda up=up: up, pod.sockets)
             except (TimeoutError, OSError) as exc:
                 self.stats["connect_failed"] += 1
                 if getattr(exc, "errno", None) == errno.EMFILE:

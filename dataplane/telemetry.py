@@ -372,14 +372,18 @@ _LOG_KEYS = (
 )
 
 
-def _access_log_writer(sink: AccessLogSink) -> Callable[[str], None]:
-    """One callable that writes a line: a logger's info(), a plain callable, or by
-    default the ``nodemesh.access`` logger (so logging config decides where it goes)."""
+def _access_log_writer(sink: AccessLogSink) -> tuple[Callable[[str], None], Callable[[], bool]]:
+    """One callable that writes a line (a logger's info(), a plain callable, or by
+    default the ``nodemesh.access`` logger, so logging config decides where it goes),
+    and one that says whether a line would be written at all: building a line costs
+    more than the rest of a short connection's telemetry, so it is skipped when the
+    logger is off (``--log-level warning``)."""
     if sink is None:
         sink = logging.getLogger(ACCESS_LOGGER)
     if isinstance(sink, logging.Logger):
-        return sink.info
-    return sink
+        logger = sink
+        return logger.info, lambda: logger.isEnabledFor(logging.INFO)
+    return sink, lambda: True
 
 
 def _iso_time(epoch: float) -> str:
@@ -421,6 +425,7 @@ class TcpStats:
 
 _TCP_FLAGS_AT = TCP_LABELS.index("response_flags")
 _TCP_SERVICE_AT = TCP_LABELS.index("destination_service")
+_LABEL_MEMO_MAX = 4096  # distinct label inputs remembered before the memo starts over
 
 
 class Telemetry:
@@ -440,7 +445,10 @@ class Telemetry:
         self.reporter = reporter
         self._metrics = _IstioMetrics()
         self.registry.register(self._metrics)
-        self._write = _access_log_writer(access_log)
+        # label values by their inputs: the same few peer/service pairs repeat on
+        # every connection, and deriving the tuple is most of tcp_opened's cost
+        self._label_memo: dict[tuple[Any, ...], tuple[str, ...]] = {}
+        self._write, self._logging = _access_log_writer(access_log)
 
     # HTTP / gRPC
 
@@ -471,6 +479,8 @@ class Telemetry:
             m.duration.observe(labels, max(0.0, duration_s) * 1000.0)
             m.request_bytes.observe(labels, max(0, request_bytes))
             m.response_bytes.observe(labels, max(0, response_bytes))
+        if not self._logging():
+            return
         started = start_time if start_time is not None else time.time() - duration_s
         self._log(
             kind="http", start_time=_iso_time(started), method=_text(method), path=_text(path),
@@ -528,8 +538,10 @@ class Telemetry:
         if conn.closed:
             return
         conn.closed = True
-        flags = join_flags(response_flags)
-        closed_labels = (*conn.labels[:_TCP_FLAGS_AT], flags, *conn.labels[_TCP_FLAGS_AT + 1:])
+        # Most connections close as they opened, with no flags: their labels are reused.
+        flags = NO_FLAGS if response_flags == NO_FLAGS else join_flags(response_flags)
+        closed_labels = conn.labels if flags == conn.labels[_TCP_FLAGS_AT] else (
+            *conn.labels[:_TCP_FLAGS_AT], flags, *conn.labels[_TCP_FLAGS_AT + 1:])
         m = self._metrics
         with m.lock:
             m.tcp_sent.add(conn.labels, max(0, sent - conn.counted_sent))
@@ -537,6 +549,8 @@ class Telemetry:
             m.tcp_closed.add(closed_labels)
         conn.counted_sent = max(sent, conn.counted_sent)
         conn.counted_received = max(received, conn.counted_received)
+        if not self._logging():
+            return
         elapsed = duration_s if duration_s is not None else time.monotonic() - conn.started
         self._log(
             kind="tcp", start_time=_iso_time(conn.started_wall), response_flags=flags,
@@ -574,11 +588,19 @@ class Telemetry:
     def _labels(self, source: Peer, destination: Peer, destination_service: str, protocol: str,
                 flags: str, security: str) -> tuple[str, ...]:
         """Label values in TCP_LABELS order (HTTP appends response_code and grpc status)."""
+        key = (source, destination, destination_service, protocol, flags, security)
+        labels = self._label_memo.get(key)
+        if labels is not None:
+            return labels
         dest = _peer_values(destination)
         service, service_name, service_ns = service_labels(_text(destination_service), dest[1])
-        return (self.reporter, *_peer_values(source),
-                *dest[:5], service, service_name, service_ns, *dest[5:],
-                protocol, flags, _one_of(security, SECURITY_POLICIES))
+        labels = (self.reporter, *_peer_values(source),
+                  *dest[:5], service, service_name, service_ns, *dest[5:],
+                  protocol, flags, _one_of(security, SECURITY_POLICIES))
+        if len(self._label_memo) >= _LABEL_MEMO_MAX:
+            self._label_memo.clear()  # peers churned (pods came and went): start over
+        self._label_memo[key] = labels
+        return labels
 
     def _peers_for_log(self, source: Peer, destination: Peer, labels: tuple[str, ...]) -> dict[str, Any]:
         src, dst = _peer_values(source), _peer_values(destination)

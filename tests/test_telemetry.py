@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from dataplane.telemetry import (
     DEFAULT_BUCKETS,
     MAX_LABEL_LEN,
+    TCP_LABELS,
     Peer,
     ResponseFlag,
     Telemetry,
@@ -51,6 +52,7 @@ SLEEP = Peer.from_pod_labels("sleep", "default", {"app": "sleep", "version": "v1
 REVIEWS_V1 = Peer(workload="reviews-v1", namespace="bookinfo", app="reviews", version="v1",
                   cluster="Kubernetes")
 REVIEWS_FQDN = "reviews.bookinfo.svc.cluster.local"
+TCP_WORKLOAD_AT = TCP_LABELS.index("destination_workload")
 
 
 def _request(t: Telemetry, **overrides: Any) -> None:
@@ -287,6 +289,45 @@ def test_access_log_to_a_logger(caplog: pytest.LogCaptureFixture) -> None:
         _request(t)
         _request(t)
     assert [json.loads(r.getMessage())["x_request_id"] for r in caplog.records] == ["rid-1", "rid-1"]
+
+
+def test_a_logger_that_is_off_gets_no_lines_but_metrics_still_count(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """With the access logger below INFO (`--log-level warning`) no line is built
+    at all; the metrics are the same."""
+    t = Telemetry(access_log=logging.getLogger("test.access.off"))
+    db = Peer(workload="mysql", namespace="data")
+    with caplog.at_level(logging.WARNING, logger="test.access.off"):
+        _request(t)
+        conn = t.tcp_opened(SLEEP, db, "mysql.data.svc.cluster.local")
+        t.tcp_closed(conn, sent=10, received=4)
+        failed = t.tcp_opened(SLEEP, db, "mysql.data.svc.cluster.local")
+        t.tcp_closed(failed, sent=0, received=0, response_flags=ResponseFlag.UPSTREAM_CONNECTION_FAILURE)
+    assert not caplog.records
+    fams = _scrape(t)
+    assert [s.value for s in _samples(fams, "istio_requests_total")] == [1]
+    closed = _samples(fams, "istio_tcp_connections_closed_total")
+    assert {s.labels["response_flags"]: s.value for s in closed} == {"-": 1, "UF": 1}
+    (sent,) = _samples(fams, "istio_tcp_sent_bytes_total")
+    assert sent.value == 10
+
+
+def test_label_values_are_remembered_within_a_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Label tuples are derived once per peer/service combination; the memo starts
+    over when full, and every connection still gets its own peers' labels."""
+    import dataplane.telemetry as telemetry_module
+
+    monkeypatch.setattr(telemetry_module, "_LABEL_MEMO_MAX", 2)
+    t = Telemetry(access_log=lambda line: None)
+    dbs = [Peer(workload=f"db-{i}", namespace="data") for i in range(5)]
+    for db in dbs * 2:
+        conn = t.tcp_opened(SLEEP, db, f"{db.workload}.data.svc.cluster.local")
+        assert conn.labels[TCP_WORKLOAD_AT] == db.workload
+        t.tcp_closed(conn, sent=1, received=1)
+    assert len(t._label_memo) <= 2
+    opened = _samples(_scrape(t), "istio_tcp_connections_opened_total")
+    assert sorted((s.labels["destination_workload"], s.value) for s in opened) == \
+        [(db.workload, 2) for db in dbs]
 
 
 # --- cardinality guard -------------------------------------------------------------
