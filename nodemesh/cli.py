@@ -156,6 +156,7 @@ def run_agent(args: argparse.Namespace) -> int:
     if not os.path.isdir(args.config_dir):  # False (not an exception) when unreadable too
         raise UserError(f"config directory {args.config_dir} does not exist or is not a folder")
     preflight()
+    _raise_fd_limit()
     config = AgentConfig(instance=Instance(args.instance), node_name=args.node_name,
                          config_dir=args.config_dir, cgroup_root=check_cgroup_root(args.cgroup_root),
                          xds_address=args.xds_address, xds_mode=args.xds_mode,
@@ -166,6 +167,21 @@ def run_agent(args: argparse.Namespace) -> int:
     agent = Agent(config)
     uvloop.run(agent.run())
     return 0
+
+
+def _raise_fd_limit() -> None:
+    """Up to the hard limit: the node proxy holds two sockets per proxied connection
+    (four with the splice engine's pipes) plus a few ready ones per enrolled pod,
+    for every pod of the node, where a shell's default soft limit is often 1024."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or soft < hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            logging.getLogger("nodemesh.agent").warning(
+                "cannot raise the open-file limit from %d: %s", soft, exc)
 
 
 def _admin(args: argparse.Namespace, endpoint: str) -> Any:

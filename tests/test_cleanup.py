@@ -43,6 +43,20 @@ def test_agent_stop_detaches_unpins_and_stops_redirecting(fresh_scenario: Scenar
     assert "Traceback" not in sc.log_text()
 
 
+def test_agent_raises_its_open_file_limit_to_the_hard_limit(fresh_scenario: Scenario) -> None:
+    """Started from a shell with a soft limit of 512 (hard 4096), the agent runs
+    with 4096: a node's worth of proxied connections needs more than 512."""
+    sc = fresh_scenario
+    argv = sc.agent_argv()
+    sc.agent_argv = lambda: ["prlimit", "--nofile=512:4096", *argv]  # type: ignore[method-assign]
+    sc.start_agent()
+    assert sc.agent is not None
+    limits = Path(f"/proc/{sc.agent.pid}/limits").read_text()
+    row = next(line for line in limits.splitlines() if line.startswith("Max open files"))
+    assert row.split()[3:5] == ["4096", "4096"], row
+    assert sc.app(sc.shop_client, "probe", "--target", WEB)["ok"]
+
+
 def test_crashed_agent_is_cleaned_by_uninstall(fresh_scenario: Scenario) -> None:
     sc = fresh_scenario
     sc.start_agent()
