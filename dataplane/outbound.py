@@ -51,6 +51,9 @@ class L4Engine(Protocol):
     """Takes a connected flow over from the userspace relay (sockmap, splice(2))."""
 
     stats: dict[str, int]
+    # Whether flows whose port declares no protocol (sniffed as opaque TCP, their
+    # first bytes already read) are handed over too, or only declared-TCP ports.
+    takes_sniffed: bool
 
     async def start(self, flow: Flow, down: RelaySide, up: RelaySide) -> bool:
         """True: the engine owns the flow; False: nothing changed, relay it."""
@@ -144,7 +147,8 @@ class OutboundProxy:
             self.stats["relayed"] += 1
             if self.on_tcp_open is not None:
                 self.on_tcp_open(flow, entry.cluster)
-            if self.splicer is not None and await self.splicer.start(flow, down, up):
+            if self.splicer is not None and (entry.protocol == "tcp" or self.splicer.takes_sniffed) \
+                    and await self.splicer.start(flow, down, up):
                 return
             # link() handles either side having gone away meanwhile.
             down.link(up)

@@ -34,11 +34,13 @@ import struct
 from collections.abc import Callable
 
 from dataplane.flows import Flow
-from dataplane.relay import RelaySide, reset
+from dataplane.relay import RelaySide
 
 log = logging.getLogger("nodemesh.pipe_splice")
 
 F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ appears in Python 3.10, but not on every build
+F_GETPIPE_SZ = 1032
+SIOCATMARK = 0x8905
 PIPE_BYTES = 256 * 1024  # per direction; the kernel allocates pages only as they fill
 FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 FLUSH_POLL = 0.002
@@ -52,30 +54,49 @@ class _Inert(asyncio.Protocol):
     """Takes a transport's last callbacks once the engine owns its socket."""
 
 
-def _take_socket(side: RelaySide) -> socket.socket:
-    """The side's socket as our own object; its transport is dropped without
-    touching the connection (close() of one of two descriptors sends nothing)."""
+def _new_pipe() -> tuple[int, int]:
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    with contextlib.suppress(OSError):  # a smaller pipe (pipe-max-size) only costs syscalls
+        fcntl.fcntl(w, F_SETPIPE_SZ, PIPE_BYTES)
+    return r, w
+
+
+def _dup_fd(side: RelaySide) -> int:
     transport = side.transport
     assert transport is not None
-    fd = os.dup(transport.get_extra_info("socket").fileno())
+    return os.dup(transport.get_extra_info("socket").fileno())
+
+
+def _socket_of(fd: int) -> socket.socket:
     sock = socket.socket(fileno=fd)
     sock.setblocking(False)
+    return sock
+
+
+def _drop_transport(side: RelaySide) -> None:
+    """Let go of the side's transport without touching the connection: we hold a
+    duplicate descriptor, and close() of one of two sends nothing."""
+    transport = side.transport
+    assert transport is not None
     transport.set_protocol(_Inert())
     transport.abort()  # type: ignore[attr-defined]
-    return sock
+
+
+def _close_fds(fds: list[int]) -> None:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
 
 
 class _Direction:
     """src -> pipe -> dst for one direction of a flow."""
 
     def __init__(self, flow: _Spliced, src: socket.socket, dst: socket.socket,
-                 count: Callable[[int], None]) -> None:
+                 pipe: tuple[int, int], count: Callable[[int], None]) -> None:
         self.flow = flow
         self.src, self.dst = src, dst
         self.count = count
-        self.pipe_r, self.pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        with contextlib.suppress(OSError):  # a smaller pipe (pipe-max-size) only costs syscalls
-            fcntl.fcntl(self.pipe_w, F_SETPIPE_SZ, PIPE_BYTES)
+        self.pipe_r, self.pipe_w = pipe
         self.in_pipe = 0
         self.eof = False
         self.done = False
@@ -108,8 +129,16 @@ class _Direction:
     def on_readable(self) -> None:
         try:
             n = os.splice(self.src.fileno(), self.pipe_w, PIPE_BYTES, flags=FLAGS)
+            if n == 0 or n is None:
+                n = self._past_urgent_mark(0)
         except BlockingIOError:
-            return
+            try:
+                n = self._past_urgent_mark(None)
+            except OSError as exc:
+                self.flow.fail(exc)
+                return
+            if n is None:
+                return  # nothing yet
         except OSError as exc:
             self.flow.fail(exc)
             return
@@ -121,6 +150,23 @@ class _Direction:
         self.in_pipe += n
         self.count(n)
         self.on_writable()
+
+    def _past_urgent_mark(self, default: int | None) -> int | None:
+        """TCP urgent data (MSG_OOB) stops splice(2) at the urgent mark: it says
+        EAGAIN for ever while poll() says readable, and a FIN behind the mark
+        reads as EOF with the bytes after the mark still queued. At the mark, one
+        recv() (which steps over the urgent byte, as the relay's reads do) moves
+        the bytes into the empty pipe; splicing resumes after them. Returns the
+        bytes moved (0: a real EOF), or ``default`` when not at the mark."""
+        fd = self.src.fileno()
+        at_mark = struct.unpack("i", fcntl.ioctl(fd, SIOCATMARK, b"\0\0\0\0"))[0]
+        if not at_mark:
+            return default
+        room = fcntl.fcntl(self.pipe_w, F_GETPIPE_SZ)
+        data = self.src.recv(room)
+        if data:
+            os.write(self.pipe_w, data)  # the pipe is empty (we read only then): it fits
+        return len(data)
 
     def on_writable(self) -> None:
         while self.in_pipe:
@@ -153,22 +199,20 @@ class _Direction:
     def stop(self) -> None:
         self._want_read(False)
         self._want_write(False)
-        for fd in (self.pipe_r, self.pipe_w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
+        _close_fds([self.pipe_r, self.pipe_w])
 
 
 class _Spliced:
     """One flow under the engine: two directions, one end."""
 
     def __init__(self, engine: PipeSplicer, flow: Flow, down: socket.socket,
-                 up: socket.socket) -> None:
+                 up: socket.socket, pipes: tuple[tuple[int, int], tuple[int, int]]) -> None:
         self.engine = engine
         self.loop = asyncio.get_running_loop()
         self.flow = flow
         self.down, self.up = down, up
-        self.dirs = (_Direction(self, down, up, self._sent),
-                     _Direction(self, up, down, self._received))
+        self.dirs = (_Direction(self, down, up, pipes[0], self._sent),
+                     _Direction(self, up, down, pipes[1], self._received))
         self.finished = False
 
     def _sent(self, n: int) -> None:
@@ -210,10 +254,13 @@ class _Spliced:
 class PipeSplicer:
     """The engine: ``start`` takes over a connected flow from the relay."""
 
+    takes_sniffed = True  # what sniffing read is flushed first, like any early byte
+
     def __init__(self, on_done: Callable[[Flow], None], flush_timeout: float = 2.0) -> None:
         self.on_done = on_done  # the flow ended (both ways, or reset): close it in the table
         self.flush_timeout = flush_timeout
         self.active: set[_Spliced] = set()
+        self.closing = False
         self.stats = {"spliced": 0, "not_spliceable": 0, "fallback": 0, "reset": 0}
 
     async def start(self, flow: Flow, down: RelaySide, up: RelaySide) -> bool:
@@ -237,25 +284,29 @@ class PipeSplicer:
         if down.closed or up.closed or dt.is_closing() or ut.is_closing() \
                 or down.got_eof or up.got_eof:
             return self._fallback(ut)
-        try:
-            dsock = _take_socket(down)
-        except OSError as exc:  # out of descriptors: keep relaying in user space
-            log.warning("flow %d: cannot take the socket over (%s): relaying", flow.id, exc)
+        if self.closing:  # the agent is stopping: no new takeover
             return self._fallback(ut)
+        # Everything that can fail (descriptors: two pipes, two duplicates) is made
+        # before anything changes hands: on failure the relay just carries on.
+        made: list[int] = []
         try:
-            usock = _take_socket(up)
-        except OSError:
-            # The downstream is ours already and its transport gone: end the flow cleanly.
-            dsock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
-            dsock.close()
-            reset(ut)
-            self.on_done(flow)
-            return True
+            made += _new_pipe()
+            made += _new_pipe()
+            made.append(_dup_fd(down))
+            made.append(_dup_fd(up))
+        except OSError as exc:  # out of descriptors: keep relaying in user space
+            _close_fds(made)
+            log.warning("flow %d: cannot take the flow over (%s): relaying it", flow.id, exc)
+            return self._fallback(ut)
+        pipes = ((made[0], made[1]), (made[2], made[3]))
+        dsock, usock = _socket_of(made[4]), _socket_of(made[5])
+        _drop_transport(down)
+        _drop_transport(up)
         # The RelaySides' own close callbacks went with their transports.
         down.closed = up.closed = True
         flow.state = "spliced"
         self.stats["spliced"] += 1
-        spliced = _Spliced(self, flow, dsock, usock)
+        spliced = _Spliced(self, flow, dsock, usock, pipes)
         self.active.add(spliced)
         spliced.start()
         return True
@@ -268,6 +319,7 @@ class PipeSplicer:
 
     def close_all(self) -> None:
         """Agent shutdown: reset every spliced flow (the relay's transports go the same way)."""
+        self.closing = True
         for s in list(self.active):
             for sock in (s.down, s.up):
                 with contextlib.suppress(OSError):

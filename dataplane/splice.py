@@ -75,6 +75,8 @@ def _inq(sock: Any) -> int:
 
 
 class SockmapSplicer:
+    takes_sniffed = False  # experimental: declared-TCP ports only, as tested
+
     def __init__(self, maps: SpliceMaps, flush_timeout: float = 2.0,
                  eof_timeout: float = 10.0) -> None:
         self.maps = maps

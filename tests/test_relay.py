@@ -252,3 +252,70 @@ def test_splice_engine_waits_for_a_slow_reader_then_delivers_everything() -> Non
 
     run(main)
     assert engines.splicer is not None and engines.splicer.stats["spliced"] == 1
+
+
+def test_urgent_data_neither_stalls_nor_loses_the_bytes_after_it(engine: str) -> None:
+    """TCP urgent data (MSG_OOB) stops splice(2) at the urgent mark; the flow must
+    carry on past it, as the relay does (both step over the urgent byte), and the
+    bytes after it must not be lost when the client's FIN follows."""
+    import socket as so
+    import time
+
+    engines = _Engines(engine)
+
+    async def collect(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(await r.read(-1))  # all of it, after the client's EOF
+        await w.drain()
+        w.close()
+
+    def client(port: int) -> bytes:
+        with so.create_connection(("127.0.0.1", port), timeout=10) as c:
+            c.sendall(b"before")
+            time.sleep(0.3)  # the engine has taken the flow over
+            c.send(b"!", so.MSG_OOB)
+            c.sendall(b"after")
+            time.sleep(0.3)
+            c.shutdown(so.SHUT_WR)
+            out = b""
+            while chunk := c.recv(65536):
+                out += chunk
+            return out
+
+    async def main() -> None:
+        upstream, relay, port, _ = await _pair(collect, engines)
+        assert await asyncio.to_thread(client, port) == b"beforeafter"
+        relay.close()
+        upstream.close()
+
+    run(main)
+
+
+def test_splice_engine_out_of_descriptors_keeps_relaying() -> None:
+    """With no descriptors left for its pipes, the engine leaves the flow to the
+    relay (nothing changed hands): exact bytes, no traceback, nothing leaked."""
+    import resource
+
+    engines = _Engines("splice")
+
+    async def main() -> None:
+        upstream, relay, port, _ = await _pair(_echo_with_trailer, engines)
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        used = len(os.listdir("/proc/self/fd"))
+        # room for the client, the accepted and the upstream sockets and the
+        # server's side, not for the engine's pipes and duplicates
+        resource.setrlimit(resource.RLIMIT_NOFILE, (used + 5, hard))
+        try:
+            r, w = await asyncio.open_connection("127.0.0.1", port)
+            w.write(b"x" * 100000)
+            w.write_eof()
+            back = await r.read(-1)
+            w.close()
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        assert back == b"x" * 100000 + b"bye 100000\n"
+        relay.close()
+        upstream.close()
+
+    run(main)
+    assert engines.splicer is not None
+    assert engines.splicer.stats["spliced"] == 0 and engines.splicer.stats["fallback"] == 1

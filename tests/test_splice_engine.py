@@ -77,3 +77,19 @@ def test_connections_are_balanced_and_shown_spliced(spliced: Scenario) -> None:
     spliced.wait_for(lambda: not spliced.cli_json("connections"), what="flows to close")
     _balanced(spliced)
     assert _stats(spliced)["spliced"] - before == 32
+
+
+def test_a_port_declaring_no_protocol_is_sniffed_then_spliced(spliced: Scenario) -> None:
+    """An unnamed port: the proxy sniffs the client's first bytes (not HTTP), and
+    the engine takes the flow with those bytes first, in order."""
+    vip = "198.19.0.31"
+    spliced.manifests.service("shop", "echo-plain", vip, [("", 7, 7007)])
+    spliced.manifests.endpoint_slice("shop", "echo-plain", [spliced.echo], [("", 7007)])
+    spliced.wait_for(lambda: any(s["vip"] == f"{vip}:7" and s["backends"]
+                                 for s in spliced.cli_json("status")["services"]),
+                     what="the unnamed service to be served")
+    before = _stats(spliced)["spliced"]
+    res = spliced.app(spliced.shop_client, "flood", "--target", f"{vip}:7",
+                      "--flows", "8", "--size", str(1 << 20))
+    assert all(f.get("match") and f["trailer_ok"] for f in res["flows"]), res["flows"][:3]
+    assert _stats(spliced)["spliced"] - before == 8
