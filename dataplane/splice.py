@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import logging
+import os
 import socket
 import struct
 import termios
@@ -233,11 +234,14 @@ class _Pair:
         redirected ones); asyncio no longer reads after EOF, so relay them
         here, as data_received would. (Never for a spliced direction: there a
         read could take bytes the verdict has not redirected yet, out of order.)"""
+        fd = src.fileno()  # uvloop's transport socket has no recv(): read the descriptor
         while True:
             try:
-                data = src.recv(65536, socket.MSG_DONTWAIT)
+                data = os.read(fd, 65536)  # non-blocking: uvloop set O_NONBLOCK
             except (BlockingIOError, InterruptedError):
                 return
+            except OSError:
+                return  # reset: the transport reports it
             if not data:
                 return
             side.data_received(data)
