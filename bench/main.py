@@ -16,50 +16,67 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from bench import report, tools
-from bench.scenarios import FULL, QUICK, SCENARIO_HELP, SCENARIOS, Params, Runner
-from bench.topology import EPHEMERAL_PORTS, PEER_DESCRIPTIONS, PEERS, VIP, BenchNode
+from bench.scenarios import FULL, QUICK, SCENARIO_HELP, SCENARIO_PEERS, SCENARIOS, Params, Runner
+from bench.topology import (
+    ENGINE_PEERS,
+    ENGINES,
+    EPHEMERAL_PORTS,
+    PEER_DESCRIPTIONS,
+    PEERS,
+    SERVICES,
+    VIP,
+    BenchNode,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
 
 DESCRIPTION = """\
-nodemesh L4 benchmark: the mesh against its peers, side by side, in ONE run.
+nodemesh benchmark: the mesh against its peers, side by side, in ONE run.
 
 Builds one virtual node (network namespaces + a cgroup subtree, see
-sandbox/node.py), a server pod (sockperf, iperf3, nginx) and one client pod
-per peer, then measures every peer back to back in each scenario:
+sandbox/node.py), a server pod (sockperf, iperf3, nginx HTTP/1.1 and h2c, an
+echo server, a grpcio server) and one client pod per peer, then measures every
+peer back to back in each scenario:
 
   direct                 no mesh: client -> server pod IP
   sidecar-haproxy        iptables REDIRECT in the client pod's own netns to an
-                         HAProxy inside that pod (mode tcp, nbthread 1)
+                         HAProxy inside that pod (nbthread 1; mode tcp, and
+                         mode http on the L7 ports)
   node-haproxy-iptables  iptables DNAT in the client pod's netns to ONE HAProxy
                          in the node netns on the bridge address 198.18.0.1
   nodemesh               the real agent: eBPF connect4 redirect to its node
-                         proxy (userspace engine); client in an enrolled namespace
+                         proxy (userspace L4 engine); client in an enrolled namespace
+  nodemesh-sockmap       a second agent, --l4-engine sockmap (experimental)
+  nodemesh-splice        a third agent, --l4-engine splice
+                         (an engine the agent does not offer is left out)
 
 Scenarios:
 """ + "\n".join(f"  {k:11s} {v}" for k, v in SCENARIO_HELP.items()) + """
 
 Results go to bench/results/<YYYY-MM-DD>-<hostname>/: results.json (every
-sample, machine facts, tool versions, the exact command), results.md (absolute
-values and ratios against `direct` from the same run), PNG plots, and raw/
-(every tool's output, not committed). Only ratios within one run mean much:
-these machines are small and noisy.
+sample, machine facts, tool versions, the exact command, the L4 engine
+decision), results.md (absolute values and ratios against `direct` from the
+same run, the decision), PNG plots, and raw/ (every tool's output, not
+committed). Only ratios within one run mean much: these machines are small
+and noisy.
 """
 
 EPILOG = """\
 examples:
-  sudo .venv/bin/python -m bench --quick          about 1.5 minutes, one round
-  sudo .venv/bin/python -m bench                  full: 3 rounds, about 10 minutes
+  sudo .venv/bin/python -m bench --quick          under 2 minutes, one round
+  sudo .venv/bin/python -m bench                  full: 3 rounds, under 15 minutes
   sudo .venv/bin/python -m bench --quick --only latency,http
 
 needs: root, and scripts/setup.sh done (BCC, kernel headers, bpffs, and the
-peers from Debian: haproxy, iperf3, wrk, nginx, sockperf). Traffic only ever
+peers from Debian: haproxy, iperf3, wrk, nginx, sockperf, nghttp2-client). Traffic only ever
 goes to sandbox addresses (198.18.0.0/24 pods, 198.19.0.0/16 VIPs); iptables
 rules only inside sandbox pod netns. Everything is removed on every exit path,
 Ctrl-C included. Not part of the test suite. See bench/README.md.
@@ -200,6 +217,8 @@ def run(args: argparse.Namespace) -> int:
         bad = [s for s in selected if s not in SCENARIOS]
         if bad:
             raise BenchError(f"unknown scenario {', '.join(bad)}; choose from {', '.join(SCENARIOS)}")
+        # Always in the documented order: memory last (it stops the further engines' agents).
+        selected = [s for s in SCENARIOS if s in selected]
 
     from sandbox.node import Sandbox, leftovers
 
@@ -213,35 +232,41 @@ def run(args: argparse.Namespace) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _interrupt)
     facts = machine_facts()
+    if not args.no_plots:
+        # matplotlib takes seconds to import: meanwhile, while the agents compile.
+        threading.Thread(target=report.preload_matplotlib, daemon=True).start()
     say(f"{params.mode} mode: {', '.join(selected)}; {params.rounds} round(s); results -> {out}")
     workdir = Path(tempfile.mkdtemp(prefix="nodemesh-bench-"))
     runner: Runner | None = None
     run_id = None
-    node_argv: list[str] = []
+    agent_argvs: dict[str, list[str]] = {}
     scenario_dirs: list[Path] = []
+    node: BenchNode | None = None
     try:
         with Sandbox() as sb:
             run_id = sb.run_id
             node = BenchNode(sb, workdir, raw)
-            node_argv = node.sc.agent_argv()
-            scenario_dirs = [node.sc.dir, node.sc.agent_log]
+            scenario_dirs = node.scratch_paths()
             say(f"sandbox {sb.run_id}: node netns {sb.prefix}-node, cgroup {sb.cgroup_root}")
             try:
-                node.build(say)
-                say("all four peers answer through their own path; measuring")
+                node.build(say, peers_needed={p for sc in selected for p in SCENARIO_PEERS[sc]})
+                scenario_dirs = node.scratch_paths()
+                agent_argvs = node.agent_argvs()
+                say(f"{len(node.peers)} peers answer through their own path ({', '.join(node.peers)}); "
+                    "measuring")
                 runner = Runner(node, params, raw, say, deadline=t0 + params.budget_seconds)
                 for name in selected:
                     say(f"{name}: {SCENARIO_HELP[name]}")
                     {"latency": runner.latency, "bulk": runner.bulk, "connrate": runner.connrate,
                      "http": runner.http, "http-paced": runner.http_paced,
-                     "memory": runner.memory_scan}[name]()
+                     "integrity": runner.integrity, "http-l7": runner.http_l7, "h2": runner.h2,
+                     "grpc": runner.grpc, "memory": runner.memory_scan}[name]()
             finally:
                 # Teardown must not be cut short by a second Ctrl-C.
                 for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
                     signal.signal(sig, _hold)
                 node.stop()
-                with contextlib.suppress(OSError):
-                    shutil.copy(node.sc.agent_log, raw / "agent.log")
+                node.copy_logs(raw)
                 say("tearing the sandbox down")
     except KeyboardInterrupt:
         say("interrupted: the sandbox was torn down; no results written")
@@ -261,8 +286,12 @@ def run(args: argparse.Namespace) -> int:
     left = [x for x in leftovers() if run_id and run_id in x]
     if left:
         say("LEFT BEHIND: " + "; ".join(left))
-    assert runner is not None
+    assert runner is not None and node is not None
     finished = datetime.datetime.now().astimezone()
+    engines = {e: {"peer": ENGINE_PEERS[e], "offered": e in node.engines_offered,
+                   "in_run": ENGINE_PEERS[e] in node.peers,
+                   **({"left_out": node.engines_missing[e]} if e in node.engines_missing else {})}
+               for e in ENGINES}
     results: dict[str, Any] = {
         "schema": 1,
         "run_name": run_name,
@@ -276,9 +305,13 @@ def run(args: argparse.Namespace) -> int:
         "scenarios": selected,
         "params": params.as_dict(),
         "machine": facts,
-        "peers": {p: {"description": PEER_DESCRIPTIONS[p]} for p in PEERS},
-        "engine": "userspace",
-        "setup": {"agent_argv": node_argv, "vip": VIP,
+        "peers": {p: {"description": PEER_DESCRIPTIONS[p], "in_run": p in node.peers,
+                      "scenarios": [sc for sc in selected if p in SCENARIO_PEERS[sc]]}
+                  for p in PEERS},
+        "engines": engines,
+        "engines_offered_by_agent": node.engines_help,
+        "setup": {"agent_argv": agent_argvs.get("userspace", []), "agent_argvs": agent_argvs,
+                  "vip": VIP, "services": {n: asdict(v) for n, v in SERVICES.items()},
                   "client_sysctls": {"net.ipv4.tcp_tw_reuse": "1",
                                      "net.ipv4.ip_local_port_range": EPHEMERAL_PORTS},
                   "haproxy_global": tools.HAPROXY_GLOBAL},
@@ -287,13 +320,17 @@ def run(args: argparse.Namespace) -> int:
         "samples": runner.samples,
         "summary": report.summarize(runner.samples),
         "memory": runner.memory,
+        "grpc_checks": runner.grpc_checks,
     }
+    results["l4_engine_decision"] = report.decide(results)
     results["plots"] = [] if args.no_plots else report.plots(results, out)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (out / "results.md").write_text(report.markdown(results))
     failed = [s for s in runner.samples if not s.get("ok")]
-    say(f"done in {results['duration_seconds']:.0f}s: {len(runner.samples)} samples "
-        f"({len(failed)} failed or skipped); {out / 'results.md'}")
+    failed += [r for key in ("pods", "services") for r in runner.memory.get(key, []) if "error" in r]
+    say(f"done in {time.monotonic() - t0:.0f}s: {len(runner.samples)} samples "
+        f"({len(failed)} failed or skipped, memory rows included); L4 engine decision: "
+        f"{results['l4_engine_decision']['chosen']}; {out / 'results.md'}")
     return 1 if failed or left else 0
 
 

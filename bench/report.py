@@ -1,5 +1,5 @@
 """From samples to results: per-peer medians, ratios against a peer measured
-in the same run, the Markdown table, and the PNG plots."""
+in the same run, the L4 engine decision, the Markdown tables, and the PNG plots."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.topology import PEERS
+from bench.tools import INTEGRITY_FAILURES
+from bench.topology import ENGINE_PEERS, ENGINES, L7_PEERS, PEERS
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,23 @@ METRICS = (
            _m("latency_us", "p99"), added=True),
 )
 
+L7_METRICS = (
+    Metric("l7_http_rps", "http-l7", "HTTP/1.1 keep-alive 1 KiB, L7 path, saturation", "req/s", "higher",
+           _m("requests_per_second")),
+    Metric("l7_http_p50", "http-l7", "HTTP/1.1 L7 latency p50", "µs", "lower", _m("latency_us", "p50"),
+           added=True),
+    Metric("l7_http_p99", "http-l7", "HTTP/1.1 L7 latency p99", "µs", "lower", _m("latency_us", "p99"),
+           added=True),
+    Metric("h2_rps", "h2", "HTTP/2 (h2c) 1 KiB, 4 conn × 8 streams", "req/s", "higher",
+           _m("requests_per_second")),
+    Metric("h2_p50", "h2", "HTTP/2 latency p50", "µs", "lower", _m("latency_us", "p50"), added=True),
+    Metric("h2_p99", "h2", "HTTP/2 latency p99", "µs", "lower", _m("latency_us", "p99"), added=True),
+    Metric("grpc_rps", "grpc", "gRPC unary (grpcio server), 4 conn × 8 streams", "req/s", "higher",
+           _m("requests_per_second")),
+    Metric("grpc_p50", "grpc", "gRPC latency p50", "µs", "lower", _m("latency_us", "p50"), added=True),
+    Metric("grpc_p99", "grpc", "gRPC latency p99", "µs", "lower", _m("latency_us", "p99"), added=True),
+)
+
 COST_METRICS = (
     Metric("cpu_10k_req", "http", "Proxy CPU per 10k keep-alive requests", "CPU s", "lower",
            _m("proxy_cpu_seconds_per_10k_requests"), base="sidecar-haproxy"),
@@ -67,11 +85,23 @@ COST_METRICS = (
            _m("proxy_cpu_seconds_per_gib"), base="sidecar-haproxy"),
 )
 
+L7_COST_METRICS = (
+    Metric("cpu_10k_l7_http", "http-l7", "Proxy CPU per 10k HTTP/1.1 requests, L7", "CPU s", "lower",
+           _m("proxy_cpu_seconds_per_10k_requests"), base="sidecar-haproxy"),
+    Metric("cpu_10k_h2", "h2", "Proxy CPU per 10k HTTP/2 requests", "CPU s", "lower",
+           _m("proxy_cpu_seconds_per_10k_requests"), base="sidecar-haproxy"),
+    Metric("cpu_10k_grpc", "grpc", "Proxy CPU per 10k gRPC calls", "CPU s", "lower",
+           _m("proxy_cpu_seconds_per_10k_requests"), base="sidecar-haproxy"),
+)
+
+ALL_METRICS = METRICS + COST_METRICS + L7_METRICS + L7_COST_METRICS
+L4_SCENARIOS = ("latency", "bulk-1", "bulk-8", "connrate", "http", "http-paced")
+
 
 def summarize(samples: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, Any]]]:
     """metric key -> peer -> {median, min, max, n, values}."""
     out: dict[str, dict[str, dict[str, Any]]] = {}
-    for met in METRICS + COST_METRICS:
+    for met in ALL_METRICS:
         per: dict[str, dict[str, Any]] = {}
         for peer in PEERS:
             vals = [v for s in samples if s["scenario"] == met.scenario and s["peer"] == peer
@@ -89,6 +119,176 @@ def summarize(samples: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, An
             out[met.key] = {"label": met.label, "unit": met.unit, "better": met.better,
                             "ratio_base": met.base, "peers": per}
     return out
+
+
+# -- the byte-exact check, and the L4 engine decision ------------------------------------
+
+def integrity_rows(samples: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """peer -> samples passed/run and flow counts of the integrity scenario."""
+    rows: dict[str, dict[str, Any]] = {}
+    for s in samples:
+        if s["scenario"] != "integrity" or "skipped" in str(s.get("error", "")):
+            continue
+        r = rows.setdefault(s["peer"], {"samples": 0, "passed": 0, "flows": 0, "ok_flows": 0,
+                                        "failures": dict.fromkeys(INTEGRITY_FAILURES, 0),
+                                        "not_run": 0, "mib_per_second": [], "errors": []})
+        r["samples"] += 1
+        r["passed"] += bool(s.get("ok"))
+        m = s.get("metrics")
+        if m is None:
+            r["not_run"] += 1
+            r["errors"].append(str(s.get("error", "?"))[:300])
+            continue
+        r["flows"] += m["flows"]
+        r["ok_flows"] += m["ok_flows"]
+        for k, n in m["failures"].items():
+            r["failures"][k] = r["failures"].get(k, 0) + n
+        if m.get("mib_per_second"):
+            r["mib_per_second"].append(m["mib_per_second"])
+        if not s.get("ok"):
+            r["errors"].append(str(s.get("error", "?"))[:300])
+    return rows
+
+
+def _failures(kinds: dict[str, int]) -> str:
+    return ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in kinds.items() if n) or "none"
+
+
+DEFAULT_ENGINE = "userspace"
+DECISION_MARGIN = 0.05
+DECISION_RULE = (
+    "Qualify: every integrity sample of the engine passed (all flows byte-exact both ways, the "
+    "echo's trailer after the half-close) and none of its L4 traffic samples (latency, bulk, "
+    "connrate, http, http-paced) failed (a stall is a failure). Score each qualifying engine "
+    "against the userspace engine from the same run: (userspace RTT p50 / its RTT p50) x "
+    "(its 1-stream Gbit/s / userspace 1-stream Gbit/s), i.e. latency gain times throughput gain "
+    "(medians over rounds). The highest score wins, but an engine other than the default "
+    f"(userspace) must beat the default's score by more than {DECISION_MARGIN:.0%} (one run's "
+    "noise), else the default stays. An engine best on both metrics wins on score anyway.")
+
+
+def decide(results: dict[str, Any]) -> dict[str, Any]:
+    """The L4 engine decision of issue 5, from this run's data only."""
+    samples = results["samples"]
+    summary = results["summary"]
+    integ = integrity_rows(samples)
+    engines_info = results.get("engines", {})
+    rows: dict[str, dict[str, Any]] = {}
+    for e in ENGINES:
+        peer = ENGINE_PEERS[e]
+        info = engines_info.get(e, {})
+        row: dict[str, Any] = {"peer": peer}
+        mine = [s for s in samples if s["peer"] == peer]
+        if not mine:
+            row["status"] = "no data"
+            row["why"] = info.get("left_out") or "no sample of this engine in this run"
+            rows[e] = row
+            continue
+        ir = integ.get(peer)
+        row["integrity"] = ({k: ir[k] for k in ("samples", "passed", "flows", "ok_flows", "failures")}
+                            if ir else None)
+        failed = [f"{s['scenario']}/r{s['round']}: {' '.join(str(s.get('error', '?')).split())[:160]}"
+                  for s in mine if s["scenario"] in L4_SCENARIOS and not s.get("ok")
+                  and "skipped" not in str(s.get("error", ""))]
+        row["failed_l4_samples"] = failed
+        p50 = summary.get("rtt_p50", {}).get("peers", {}).get(peer)
+        bulk = summary.get("bulk_1", {}).get("peers", {}).get(peer)
+        row["rtt_p50_us"] = p50["median"] if p50 else None
+        row["bulk_1_gbit"] = bulk["median"] if bulk else None
+        row["rounds"] = max(p50["n"] if p50 else 0, bulk["n"] if bulk else 0)
+        why = []
+        if ir is None:
+            why.append("no integrity sample")
+        elif ir["passed"] != ir["samples"]:
+            why.append(f"integrity: {ir['samples'] - ir['passed']}/{ir['samples']} samples failed "
+                       f"({ir['flows'] - ir['ok_flows']} bad flows of {ir['flows']}: "
+                       f"{_failures(ir['failures'])})")
+        if failed:
+            why.append(f"{len(failed)} failed L4 traffic sample(s): " + "; ".join(failed[:3]))
+        if row["rtt_p50_us"] is None or row["bulk_1_gbit"] is None:
+            why.append("no latency or 1-stream bulk number")
+        row["status"] = "disqualified" if why else "qualified"
+        if why:
+            row["why"] = "; ".join(why)
+        rows[e] = row
+    qualified = [e for e in ENGINES if rows[e]["status"] == "qualified"]
+    ref = DEFAULT_ENGINE if DEFAULT_ENGINE in qualified else (qualified[0] if qualified else None)
+    out: dict[str, Any] = {"rule": DECISION_RULE, "margin": DECISION_MARGIN, "reference": ref,
+                           "engines": rows, "mode": results.get("mode"),
+                           "rounds": results.get("params", {}).get("rounds")}
+    if ref is None:
+        out["chosen"] = None
+        any_data = any(r["status"] != "no data" for r in rows.values())
+        out["why"] = ("no engine qualified in this run" if any_data
+                      else "no L4 engine data in this run (the decision needs the latency, bulk and "
+                           "integrity scenarios)")
+        return out
+    r0 = rows[ref]
+    for e in qualified:
+        r = rows[e]
+        r["latency_gain"] = round(r0["rtt_p50_us"] / r["rtt_p50_us"], 3)
+        r["throughput_gain"] = round(r["bulk_1_gbit"] / r0["bulk_1_gbit"], 3)
+        r["score"] = round(r["latency_gain"] * r["throughput_gain"], 3)
+    best = max(qualified, key=lambda e: rows[e]["score"])
+    both = [e for e in qualified
+            if rows[e]["rtt_p50_us"] == min(rows[x]["rtt_p50_us"] for x in qualified)
+            and rows[e]["bulk_1_gbit"] == max(rows[x]["bulk_1_gbit"] for x in qualified)]
+    out["best_on_both"] = both[0] if both else None
+    if best != ref and ref == DEFAULT_ENGINE and rows[best]["score"] <= 1 + DECISION_MARGIN:
+        out["chosen"] = ref
+        out["why"] = (f"{best} scored highest ({rows[best]['score']:.2f} against {ref}'s 1.00) but not by "
+                      f"more than {DECISION_MARGIN:.0%}: the default stays")
+    else:
+        out["chosen"] = best
+
+        def scored(e: str) -> str:
+            r = rows[e]
+            return (f"{e} {r['score']:.2f} (latency gain {r['latency_gain']:.2f} × throughput gain "
+                    f"{r['throughput_gain']:.2f})")
+
+        others = [scored(e) for e in qualified if e not in (best, ref)]
+        if best == ref:
+            out["why"] = (f"the highest score among the qualifying engines ({ref} = 1.00 by definition)"
+                          + (f"; {', '.join(others)}" if others else "; the only qualifying engine"))
+        else:
+            out["why"] = f"score {scored(best)} against {ref}" + (f"; {', '.join(others)}" if others else "")
+    return out
+
+
+def _decision_md(d: dict[str, Any]) -> list[str]:
+    lines = ["## L4 engine decision", "", f"**{d['chosen'] or 'none'}**: {d['why']}."]
+    if all(r["status"] == "no data" for r in d["engines"].values()):
+        return lines
+    lines += ["", f"Rule: {d['rule']}", "",
+              "| engine | status | integrity samples passed | bad flows | failed L4 samples "
+              "| RTT p50 (µs) | 1 stream (Gbit/s) | latency gain | throughput gain | score |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for e, r in d["engines"].items():
+        if r["status"] == "no data":
+            lines.append(f"| {e} | no data: {' '.join(str(r['why']).split())[:300]} | | | | | | | | |")
+            continue
+        ir = r.get("integrity")
+        integ = f"{ir['passed']}/{ir['samples']}" if ir else "—"
+        nbad = ir["flows"] - ir["ok_flows"] if ir else 0
+        bad = "—" if not ir else f"{nbad} of {ir['flows']}"
+        if nbad:
+            bad += f" ({_failures(ir['failures'])})"
+
+        def f(v: Any, fmt: str) -> str:
+            return format(v, fmt) if v is not None else "—"
+
+        lines.append(f"| {e} | {r['status']} | {integ} | {bad} | {len(r['failed_l4_samples'])} | "
+                     f"{f(r.get('rtt_p50_us'), '.1f')} | {f(r.get('bulk_1_gbit'), '.2f')} | "
+                     f"{f(r.get('latency_gain'), '.2f')} | {f(r.get('throughput_gain'), '.2f')} | "
+                     f"{f(r.get('score'), '.2f')} |")
+    why = [f"- {e}: {' '.join(str(r['why']).split())[:500]}" for e, r in d["engines"].items()
+           if r["status"] == "disqualified"]
+    if why:
+        lines += ["", "Disqualified:", "", *why]
+    if d.get("mode") == "quick" or (d.get("rounds") or 0) < 2:
+        lines += ["", "One round: one sample per engine. A smoke check of the rule, not a decision to "
+                      "quote; the full mode's medians over three rounds are."]
+    return lines
 
 
 def _num(v: float) -> str:
@@ -131,34 +331,90 @@ def _table(metrics: tuple[Metric, ...], summary: dict[str, Any], peers: tuple[st
     return lines
 
 
+def _present(results: dict[str, Any], among: tuple[str, ...]) -> tuple[str, ...]:
+    """The peers of ``among`` that were in this run."""
+    peers = results.get("peers", {})
+    return tuple(p for p in among if peers.get(p, {}).get("in_run", True)
+                 and any(x["peer"] == p for x in results["samples"]))
+
+
 def markdown(results: dict[str, Any]) -> str:
     s = results["summary"]
     mach = results["machine"]
     p = results["params"]
-    out = [f"# nodemesh L4 benchmark: {results['run_name']}", "",
+    engines = results.get("engines", {})
+    in_run = [f"{e} (`{i['peer']}`)" for e, i in engines.items() if i.get("in_run")]
+    left = [f"{e}: {i['left_out']}" for e, i in engines.items() if i.get("left_out")]
+    out = [f"# nodemesh benchmark: {results['run_name']}", "",
            f"- command: `{results['command']}` ({results['mode']} mode, {p['rounds']} round(s), "
            f"{results['duration_seconds']:.0f} s)",
            f"- machine: {mach['hostname']}, {mach['cpu_count']} CPUs ({mach['cpu_model']}), "
            f"kernel {mach['kernel']}, Python {mach['python']}",
            "- peers: " + ", ".join(f"{k} {v}" for k, v in mach["tools"].items()),
-           f"- nodemesh {mach['nodemesh_commit']}; L4 engine: userspace (asyncio/uvloop relay)",
+           f"- nodemesh {mach['nodemesh_commit']}; L4 engines measured: " + (", ".join(in_run) or "none")
+           + (f"; left out: {'; '.join(left)}" if left else ""),
            "",
            "Each cell: the median over rounds (with [min–max] when there are several), then "
            "`(ratio×, ±difference)` against `direct` measured in the same run. One run on a "
            "noisy 2-core machine where the load tool, the proxy and the server share both cores: "
-           "compare ratios, not absolute numbers across machines.", "",
-           "## Traffic (ratio vs `direct`)", ""]
-    out += _table(METRICS, s, PEERS)
-    out += ["", "## Proxy cost (ratio vs `sidecar-haproxy`; `direct` has no proxy)", "",
-            "CPU seconds (user+system) of the proxy processes' own accounting during the "
-            "sample: the HAProxy pid for the HAProxy peers, the agent pid for nodemesh. Kernel "
-            "work done in the client's context (iptables NAT, the connect4 program) is not "
-            "in it.", ""]
-    out += _table(COST_METRICS, s, PEERS[1:])
+           "compare ratios, not absolute numbers across machines.", ""]
+    l4 = _present(results, PEERS)
+    if any(k in s for k in (m.key for m in METRICS)):
+        out += ["## L4 traffic (ratio vs `direct`)", "",
+                "Every service port here is declared TCP (`tcp-…`): nodemesh forwards with its L4 "
+                "engine, one agent per engine.", ""]
+        out += _table(METRICS, s, l4)
+        out += ["", "## L4 proxy cost (ratio vs `sidecar-haproxy`; `direct` has no proxy)", "",
+                "CPU seconds (user+system) of the proxy processes' own accounting during the "
+                "sample: the HAProxy pid for the HAProxy peers, the agent pid for nodemesh. Kernel "
+                "work done in the client's context (iptables NAT, the connect4 program) and in "
+                "softirq (the sockmap engine's splice) is not in it.", ""]
+        out += _table(COST_METRICS, s, tuple(x for x in l4 if x != "direct"))
+    integ = integrity_rows(results["samples"])
+    if integ:
+        out += ["", "## Byte-exact check through each L4 engine (integrity)", "",
+                f"{p['integrity_flows']} concurrent flows × {_bytes(p['integrity_bytes'])} each, "
+                "to an echo server that answers `bye <n>` only after the client's EOF: every byte "
+                "back (SHA-256, both directions) and the trailer after the half-close. A flow "
+                f"with no progress for {p['integrity_idle_seconds']:g} s is stalled; truncated: the "
+                "connection ended (EOF) before every byte came back; error: connect failed or "
+                "reset.", "",
+                "| peer | samples passed | flows passed | stalled | error (reset) | truncated "
+                "| wrong bytes | no trailer | MiB/s both ways (median) |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+        for peer in _present(results, PEERS):
+            r = integ.get(peer)
+            if r is None:
+                continue
+            rate = _num(statistics.median(r["mib_per_second"])) if r["mib_per_second"] else "—"
+            f = r["failures"]
+            out.append(f"| `{peer}` | {r['passed']}/{r['samples']} | {r['ok_flows']}/{r['flows']} | "
+                       + " | ".join(str(f.get(k, 0)) for k in INTEGRITY_FAILURES) + f" | {rate} |")
+    if results.get("l4_engine_decision"):
+        out += [""] + _decision_md(results["l4_engine_decision"])
+    if any(k in s for k in (m.key for m in L7_METRICS)):
+        l7 = _present(results, L7_PEERS)
+        out += ["", "## L7: HTTP/1.1, HTTP/2, gRPC (ratio vs `direct`)", "",
+                "Ports named `http-…`, `http2-…`, `grpc-…`: nodemesh takes its HTTP/1.1 and HTTP/2 "
+                "paths (per-request routing and balancing, telemetry; the L4 engine does not "
+                "matter there, so only the userspace agent is measured); the HAProxy peers run "
+                "`mode http` on these ports (HTTP/2 to the server with `proto h2`), the same work "
+                "class. The h2 and gRPC latencies come from h2load's per-request log.", ""]
+        out += _table(L7_METRICS, s, l7)
+        checks = results.get("grpc_checks") or {}
+        if checks:
+            out += ["", "gRPC check before the load (a grpcio client, 5 Echo calls, through each peer): "
+                    + ", ".join(f"`{k}` {v['codes']}{'' if v['replies_exact'] else ' (WRONG replies)'}"
+                                for k, v in checks.items())
+                    + "; under h2load every response must carry the 69-byte message (a gRPC error "
+                      "has none)."]
+        out += ["", "## L7 proxy cost (ratio vs `sidecar-haproxy`)", ""]
+        out += _table(L7_COST_METRICS, s, tuple(x for x in l7 if x != "direct"))
     mem = results.get("memory") or {}
     if mem.get("pods"):
         out += ["", "## Memory: enrolled pods", "",
-                "nodemesh: one agent (BPF loader, node proxy, admin) for the node. Sidecar model: "
+                "nodemesh: one agent (BPF loader, node proxy, admin) for the node, the userspace "
+                "engine's (the other engines' agents are stopped first). Sidecar model: "
                 "one HAProxy (the sidecar peer's config) per pod. RSS counts shared pages (binary, "
                 "libraries) in every process: an upper bound. USS counts only a process's own "
                 "pages: a lower bound. (PSS, which shares pages out, is in results.json; it moves "
@@ -231,13 +487,24 @@ def _mib(n: float) -> str:
     return f"{n / 2**20:.1f} MiB"
 
 
+def _bytes(n: int) -> str:
+    return f"{n // 2**20} MiB" if n % 2**20 == 0 else f"{n // 2**10} KiB" if n % 2**10 == 0 else f"{n} B"
+
+
 # -- plots -------------------------------------------------------------------------------
 
 PLOTS = ("latency.png", "throughput.png", "connrate.png", "http.png", "http_latency.png",
-         "proxy_cpu.png", "memory.png")
+         "proxy_cpu.png", "l7.png", "l7_latency.png", "l7_proxy_cpu.png", "memory.png")
 
 COLORS = {"direct": "#7f7f7f", "sidecar-haproxy": "#d62728", "node-haproxy-iptables": "#ff7f0e",
-          "nodemesh": "#1f77b4"}
+          "nodemesh": "#1f77b4", "nodemesh-sockmap": "#17becf", "nodemesh-splice": "#2ca02c"}
+
+
+def preload_matplotlib() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot  # noqa: F401
 
 
 def plots(results: dict[str, Any], outdir: Path) -> list[str]:
@@ -250,13 +517,18 @@ def plots(results: dict[str, Any], outdir: Path) -> list[str]:
     made: list[str] = []
     title = f"{results['run_name']} ({results['mode']})"
 
+    l4 = _present(results, PEERS)
+    l7 = _present(results, L7_PEERS)
+
     def bars(fname: str, groups: list[tuple[str, str]], ylabel: str, heading: str,
-             peers: tuple[str, ...] = PEERS, log: bool = False) -> None:
+             peers: tuple[str, ...] = l4, log: bool = False) -> None:
         assert fname in PLOTS, fname   # main._prepare_out removes only these
         groups = [(k, lbl) for k, lbl in groups if k in s]
         if not groups:
             return
-        fig, ax = plt.subplots(figsize=(8, 4.2))
+        if not peers:
+            return
+        fig, ax = plt.subplots(figsize=(10, 4.4))
         width = 0.8 / len(peers)
         for i, peer in enumerate(peers):
             xs, ys, lo, hi = [], [], [], []
@@ -281,15 +553,17 @@ def plots(results: dict[str, Any], outdir: Path) -> list[str]:
             ylabel += " (log scale)"
         ax.set_ylabel(ylabel)
         ax.set_title(f"{heading}\n{title}", fontsize=10)
-        ax.legend(fontsize=8)
+        # Fixed margins and the legend outside the axes: tight_layout and loc="best" took
+        # most of a second per plot on a busy 2-core machine.
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         ax.grid(axis="y", alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(outdir / fname, dpi=110)
+        fig.subplots_adjust(left=0.08, right=0.8, top=0.86, bottom=0.08)
+        fig.savefig(outdir / fname, dpi=100)
         plt.close(fig)
         made.append(fname)
 
     bars("latency.png", [("rtt_p50", "p50"), ("rtt_p99", "p99")], "round trip (µs)",
-         "sockperf TCP ping-pong, 64 B, persistent connection (lower is better)")
+         "sockperf TCP ping-pong, 64 B, persistent connection (lower is better)", log=True)
     bars("throughput.png", [("bulk_1", "1 stream"), ("bulk_8", "8 streams")], "Gbit/s",
          "iperf3 bulk throughput (higher is better)")
     bars("connrate.png", [("connrate", "new connections/s")], "connections/s",
@@ -301,12 +575,27 @@ def plots(results: dict[str, Any], outdir: Path) -> list[str]:
          "latency (µs)", "wrk HTTP/1.1 latency (lower is better)", log=True)
     bars("proxy_cpu.png", [("cpu_10k_req", "per 10k keep-alive req"),
                            ("cpu_10k_conn", "per 10k new connections")],
-         "proxy CPU seconds", "Proxy CPU (own accounting; lower is better)", peers=PEERS[1:])
+         "proxy CPU seconds", "Proxy CPU (own accounting; lower is better)",
+         peers=tuple(x for x in l4 if x != "direct"))
+    bars("l7.png", [("l7_http_rps", "HTTP/1.1 (wrk)"), ("h2_rps", "HTTP/2 (h2load)"),
+                    ("grpc_rps", "gRPC unary (h2load)")], "requests/s",
+         "L7 paths at saturation: nodemesh HTTP paths, HAProxy mode http (higher is better)",
+         peers=l7, log=True)
+    bars("l7_latency.png", [("l7_http_p50", "HTTP/1.1 p50"), ("l7_http_p99", "HTTP/1.1 p99"),
+                            ("h2_p50", "HTTP/2 p50"), ("h2_p99", "HTTP/2 p99"),
+                            ("grpc_p50", "gRPC p50"), ("grpc_p99", "gRPC p99")],
+         "latency (µs)", "L7 latency at saturation (lower is better)", peers=l7, log=True)
+    bars("l7_proxy_cpu.png", [("cpu_10k_l7_http", "per 10k HTTP/1.1 req"),
+                              ("cpu_10k_h2", "per 10k HTTP/2 req"), ("cpu_10k_grpc", "per 10k gRPC calls")],
+         "proxy CPU seconds", "L7 proxy CPU (own accounting; lower is better)",
+         peers=tuple(x for x in l7 if x != "direct"))
 
     mem = results.get("memory") or {}
     rows = [r for r in mem.get("pods", []) if "sidecars" in r]
     if rows:
-        fig, ax = plt.subplots(figsize=(8, 4.2))
+        zero = {"rss": 0, "pss": 0, "uss": 0}   # no pod, no sidecar: the lines start at 0 pods
+        rows = [{**r, "sidecars": zero} for r in mem["pods"] if r.get("pods") == 0 and "agent" in r] + rows
+        fig, ax = plt.subplots(figsize=(10, 4.2))
         ns = [r["pods"] for r in rows]
         ax.plot(ns, [r["agent"]["rss"] / 2**20 for r in rows], "o-", color=COLORS["nodemesh"],
                 label="nodemesh agent RSS")
@@ -323,10 +612,10 @@ def plots(results: dict[str, Any], outdir: Path) -> list[str]:
         ax.set_xlabel("pods on the node")
         ax.set_ylabel("MiB")
         ax.set_title(f"Memory against enrolled pods\n{title}", fontsize=10)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(outdir / "memory.png", dpi=110)
+        fig.subplots_adjust(left=0.08, right=0.72, top=0.86, bottom=0.11)
+        fig.savefig(outdir / "memory.png", dpi=100)
         plt.close(fig)
         made.append("memory.png")
     return made

@@ -1,12 +1,15 @@
-"""The measurements. Each traffic scenario runs every peer back to back, in
-a rotated order each round, so that all peers see the same machine state;
-each sample is bounded in time (the tool's own duration plus a timeout) and
-in count (one tool run).
+"""The measurements. Each traffic scenario runs every peer it concerns back to
+back, in a rotated order each round, so that all peers see the same machine
+state; each sample is bounded in time (the tool's own duration plus a
+timeout, killed by pid past it) and in count (one tool run). A sample that
+stalls (the experimental sockmap engine can hang a bulk flow) fails for that
+peer and the run goes on.
 """
 
 from __future__ import annotations
 
 import json
+import shlex
 import subprocess
 import time
 from collections.abc import Callable
@@ -17,7 +20,20 @@ from typing import Any
 import psutil
 
 from bench import tools
-from bench.topology import PEERS, SIDECAR_PORT, BenchNode, Peer, run, wait_listening
+from bench.topology import (
+    GRPC_MESSAGE,
+    GRPC_METHOD,
+    INTEGRITY_CLIENT,
+    INTEGRITY_PEERS,
+    L7_PEERS,
+    PEERS,
+    PY,
+    SIDECAR_PORT,
+    BenchNode,
+    Peer,
+    run,
+    wait_listening,
+)
 
 Say = Callable[[str], None]
 
@@ -27,7 +43,8 @@ class Params:
     mode: str
     rounds: int
     budget_seconds: float          # samples that would start later are skipped
-    latency_seconds: int           # whole seconds: wrk and sockperf take no fractions
+    slack_seconds: float           # a sample's timeout: the tool's duration plus this
+    latency_seconds: int           # whole seconds: wrk, sockperf, iperf3, h2load take no fractions
     latency_msg_bytes: int
     bulk_seconds: int
     bulk_streams: tuple[int, ...]
@@ -39,6 +56,13 @@ class Params:
     paced_connections: int
     paced_delay_ms: float
     wrk_threads: int
+    integrity_flows: int
+    integrity_bytes: int
+    integrity_idle_seconds: float  # no progress that long: the flow stalled
+    integrity_deadline_seconds: float
+    l7_seconds: int                # http-l7, h2, grpc
+    h2_clients: int
+    h2_streams: int
     memory_pods: tuple[int, ...]
     memory_services: tuple[tuple[int, int], ...]   # (services, endpoints)
 
@@ -46,25 +70,47 @@ class Params:
         return asdict(self)
 
 
-QUICK = Params(mode="quick", rounds=1, budget_seconds=105, latency_seconds=3, latency_msg_bytes=64,
-               bulk_seconds=2, bulk_streams=(1, 8), connrate_seconds=2, connrate_connections=16,
-               http_seconds=3, http_connections=32, paced_seconds=2, paced_connections=4,
-               paced_delay_ms=2, wrk_threads=1, memory_pods=(10, 50), memory_services=((100, 1000),))
-FULL = Params(mode="full", rounds=3, budget_seconds=830, latency_seconds=8, latency_msg_bytes=64,
-              bulk_seconds=5, bulk_streams=(1, 8), connrate_seconds=5, connrate_connections=16,
-              http_seconds=8, http_connections=32, paced_seconds=5, paced_connections=4,
-              paced_delay_ms=2, wrk_threads=1, memory_pods=(10, 50, 100),
-              memory_services=((100, 1000), (1000, 10000)))
+QUICK = Params(mode="quick", rounds=1, budget_seconds=104, slack_seconds=4,
+               latency_seconds=1, latency_msg_bytes=64, bulk_seconds=1, bulk_streams=(1, 8),
+               connrate_seconds=1, connrate_connections=16, http_seconds=1, http_connections=32,
+               paced_seconds=1, paced_connections=4, paced_delay_ms=2, wrk_threads=1,
+               integrity_flows=16, integrity_bytes=1 << 20, integrity_idle_seconds=4,
+               integrity_deadline_seconds=12, l7_seconds=1, h2_clients=4, h2_streams=8,
+               memory_pods=(10,), memory_services=((100, 1000),))
+FULL = Params(mode="full", rounds=3, budget_seconds=840, slack_seconds=10,
+              latency_seconds=5, latency_msg_bytes=64, bulk_seconds=4, bulk_streams=(1, 8),
+              connrate_seconds=3, connrate_connections=16, http_seconds=5, http_connections=32,
+              paced_seconds=3, paced_connections=4, paced_delay_ms=2, wrk_threads=1,
+              integrity_flows=64, integrity_bytes=8 << 20, integrity_idle_seconds=8,
+              integrity_deadline_seconds=60, l7_seconds=3, h2_clients=4, h2_streams=8,
+              memory_pods=(10, 50, 100), memory_services=((100, 1000), (1000, 10000)))
 
-SCENARIOS = ("latency", "bulk", "connrate", "http", "http-paced", "memory")
+SCENARIOS = ("latency", "bulk", "connrate", "http", "http-paced", "integrity", "http-l7", "h2",
+             "grpc", "memory")
 SCENARIO_HELP = {
     "latency": "sockperf TCP ping-pong, 64 B, one persistent connection: RTT p50/p99 (us)",
     "bulk": "iperf3, 1 and 8 streams: Gbit/s received",
     "connrate": "wrk with 'Connection: close' on a 3-byte body: new connections/s",
-    "http": "wrk HTTP/1.1 keep-alive, 1 KiB body, 32 connections: req/s at saturation",
+    "http": "wrk HTTP/1.1 keep-alive, 1 KiB body, 32 connections, on a port declared TCP (L4): "
+            "req/s at saturation",
     "http-paced": "wrk keep-alive, 4 connections each pausing 2 ms between requests: latency at a "
                   "moderate load",
+    "integrity": "F concurrent echo flows of S bytes with half-close through each L4 engine (and "
+                 "direct): every byte back (SHA-256) and the trailer after the EOF",
+    "http-l7": "wrk HTTP/1.1 keep-alive, 1 KiB, 32 connections, on a port named http-*: nodemesh's "
+               "L7 path, HAProxy in mode http",
+    "h2": "h2load, h2c prior knowledge to nginx, 4 connections x 8 streams, 1 KiB, on a port named "
+          "http2-*",
+    "grpc": "h2load gRPC unary (64 B Echo) to a grpcio server, 4 connections x 8 streams, on a port "
+            "named grpc-*",
     "memory": "agent RSS with N enrolled pods and S services/E endpoints vs N HAProxy sidecars",
+}
+# Which peers each scenario measures (those of them in the run).
+SCENARIO_PEERS: dict[str, tuple[str, ...]] = {
+    **{sc: PEERS for sc in ("latency", "bulk", "connrate", "http", "http-paced")},
+    "integrity": INTEGRITY_PEERS,
+    **{sc: L7_PEERS for sc in ("http-l7", "h2", "grpc")},
+    "memory": ("nodemesh",),
 }
 
 
@@ -77,6 +123,7 @@ class Runner:
         self.deadline = deadline
         self.samples: list[dict[str, Any]] = []
         self.memory: dict[str, Any] = {}
+        self.grpc_checks: dict[str, Any] = {}
         self.workdir = node.workdir
 
     # -- one sample ------------------------------------------------------------
@@ -90,13 +137,23 @@ class Runner:
             self.say(f"  {label:42s} skipped (time budget)")
             self.samples.append(s)
             return s
+        broken = self.node.check_peer(peer)
+        if broken is not None:
+            s["error"] = f"not measured: {broken}"
+            self.samples.append(s)
+            return s
         rawfile = self.raw / f"{scenario}-{peer.name}-r{rnd}.txt"
+        stats0 = self._agent_stats(peer)
         cpu0 = peer.proxy_cpu_seconds()
         mach0, sand0 = machine_cpu(), self._sandbox_cpu()
         s["started"] = time.time()
         res = run(peer.client, argv, timeout)
         cpu1 = peer.proxy_cpu_seconds()
         mach1, sand1 = machine_cpu(), self._sandbox_cpu()
+        stats1 = self._agent_stats(peer)
+        if stats0 is not None and stats1 is not None:
+            # which path the agent took (relayed / http / http2 flows, the engine's own counters)
+            s["agent_stats"] = {k: v - stats0.get(k, 0) for k, v in stats1.items() if v != stats0.get(k, 0)}
         busy = mach1["busy"] - mach0["busy"]
         s["machine_cpu"] = {"busy_seconds": round(busy, 3),
                             "steal_seconds": round(mach1["steal"] - mach0["steal"], 3),
@@ -104,24 +161,32 @@ class Runner:
                             # CPU the run did not spend: other jobs on the machine, and
                             # kernel work not charged to the sandbox's cgroup
                             "outside_sandbox_seconds": round(max(0.0, busy - (sand1 - sand0)), 3)}
-        rawfile.write_text(f"$ {' '.join(argv)}\n# exit {res.returncode}, {res.seconds:.2f}s\n"
+        rawfile.write_text(f"$ {shlex.join(argv)}\n# exit {res.returncode}, {res.seconds:.2f}s"
+                           f"{' (TIMED OUT: killed)' if res.timed_out else ''}\n"
                            f"{res.stdout}\n--- stderr ---\n{res.stderr}")
         s["raw"] = str(rawfile.relative_to(self.raw.parent))
         s["wall_seconds"] = round(res.seconds, 3)
         if cpu0 is not None and cpu1 is not None:
             s["proxy_cpu_seconds"] = round(cpu1 - cpu0, 4)
         try:
+            if res.timed_out:
+                s["stalled"] = True
+                raise ValueError(f"stalled: {argv[0]} did not finish within {timeout:.0f}s "
+                                 f"(killed); output: {(res.stderr.strip() or res.stdout.strip())[-300:]}")
             if not res.ok:
                 raise ValueError(res.describe())
             s["metrics"] = parse(res.stdout)
             s["ok"] = True
-        except (ValueError, KeyError, json.JSONDecodeError) as exc:
+        except (ValueError, KeyError, OSError, json.JSONDecodeError) as exc:
             s["error"] = str(exc)[-600:]
         self.samples.append(s)
         return s
 
-    def _rounds(self, scenario: str, one: Callable[[Peer, int], dict[str, Any]]) -> None:
-        peers = [self.node.peers[n] for n in PEERS]
+    def _rounds(self, scenario: str, one: Callable[[Peer, int], dict[str, Any]],
+                group: str | None = None) -> None:
+        """Every round, every peer of the scenario (``group``: whose peer list), rotated."""
+        names = SCENARIO_PEERS[group or scenario]
+        peers = [self.node.peers[n] for n in names if n in self.node.peers]
         for rnd in range(self.p.rounds):
             k = rnd % len(peers)
             for peer in peers[k:] + peers[:k]:   # rotate: no peer always goes first
@@ -137,7 +202,9 @@ class Runner:
         def one(peer: Peer, rnd: int) -> dict[str, Any]:
             host, port = peer.target("latency")
             argv = tools.sockperf_argv(host, port, p.latency_seconds, p.latency_msg_bytes)
-            return self._sample("latency", peer, rnd, argv, p.latency_seconds + 20, tools.parse_sockperf)
+            # sockperf idles 2 s after connecting, before its warm-up and the test
+            return self._sample("latency", peer, rnd, argv, p.latency_seconds + 2 + p.slack_seconds,
+                                tools.parse_sockperf)
 
         self._rounds("latency", one)
 
@@ -149,36 +216,41 @@ class Runner:
             def one(peer: Peer, rnd: int, streams: int = streams, name: str = name) -> dict[str, Any]:
                 host, port = peer.target("bulk")
                 argv = tools.iperf3_argv(host, port, p.bulk_seconds, streams)
-                s = self._sample(name, peer, rnd, argv, p.bulk_seconds + 20, tools.parse_iperf3)
+                s = self._sample(name, peer, rnd, argv, p.bulk_seconds + p.slack_seconds,
+                                 tools.parse_iperf3)
                 if s.get("ok") and s.get("proxy_cpu_seconds") is not None:
                     gib = s["metrics"]["bytes"] / 2**30
                     s["metrics"]["proxy_cpu_seconds_per_gib"] = round(s["proxy_cpu_seconds"] / gib, 4)
-                if not s.get("ok") and "skipped" not in s.get("error", ""):
+                if not s.get("ok") and "wall_seconds" in s:
                     self.node.start_iperf3()   # a failed test can leave the server busy
                 return s
 
-            self._rounds(name, one)
+            self._rounds(name, one, group="bulk")
 
     def _wrk(self, scenario: str, path: str, seconds: float, connections: int, close: bool,
-             delay_ms: float | None, per: str) -> None:
+             delay_ms: float | None, per: str, service: str = "http") -> None:
         script = self.workdir / f"wrk-{scenario}.lua"
         script.write_text(tools.wrk_script(delay_ms))
 
         def one(peer: Peer, rnd: int) -> dict[str, Any]:
-            argv = tools.wrk_argv(peer.url(path), seconds, connections, self.p.wrk_threads,
+            argv = tools.wrk_argv(peer.url(path, service), seconds, connections, self.p.wrk_threads,
                                   str(script), close=close)
-            s = self._sample(scenario, peer, rnd, argv, seconds + 20, tools.parse_wrk)
+            s = self._sample(scenario, peer, rnd, argv, seconds + self.p.slack_seconds, tools.parse_wrk)
             m = s.get("metrics")
             if m is not None:
                 if m["error_count"]:
                     s["ok"] = False
                     s["error"] = f"wrk counted errors: {m['errors']}"
-                if s.get("proxy_cpu_seconds") is not None and m["requests"]:
-                    m[f"proxy_cpu_seconds_per_10k_{per}"] = round(
-                        s["proxy_cpu_seconds"] / m["requests"] * 10_000, 4)
+                self._per_10k(s, per)
             return s
 
         self._rounds(scenario, one)
+
+    @staticmethod
+    def _per_10k(s: dict[str, Any], per: str) -> None:
+        m = s["metrics"]
+        if s.get("proxy_cpu_seconds") is not None and m["requests"]:
+            m[f"proxy_cpu_seconds_per_10k_{per}"] = round(s["proxy_cpu_seconds"] / m["requests"] * 10_000, 4)
 
     def connrate(self) -> None:
         self._wrk("connrate", "/tiny", self.p.connrate_seconds, self.p.connrate_connections,
@@ -192,9 +264,112 @@ class Runner:
         self._wrk("http-paced", "/1k", self.p.paced_seconds, self.p.paced_connections,
                   close=False, delay_ms=self.p.paced_delay_ms, per="requests")
 
+    # -- the byte-exact check through each L4 engine -----------------------------------
+    def integrity(self) -> None:
+        p = self.p
+
+        def one(peer: Peer, rnd: int) -> dict[str, Any]:
+            host, port = peer.target("echo")
+            argv = [PY, INTEGRITY_CLIENT, "--target", f"{host}:{port}", "--flows", str(p.integrity_flows),
+                    "--size", str(p.integrity_bytes), "--idle", str(p.integrity_idle_seconds),
+                    "--deadline", str(p.integrity_deadline_seconds)]
+            s = self._sample("integrity", peer, rnd, argv,
+                             p.integrity_deadline_seconds + p.slack_seconds, tools.parse_integrity)
+            m = s.get("metrics")
+            if m is not None:
+                m["mib_per_second"] = round(2 * m["bytes_each_way"] / 2**20 / m["seconds"], 1) \
+                    if m["seconds"] else None
+                if m["bad_flows"]:
+                    s["ok"] = False
+                    kinds = ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in m["failures"].items() if n)
+                    s["error"] = (f"{m['bad_flows']}/{m['flows']} flows bad ({kinds}); first: "
+                                  f"{json.dumps(m['bad'][0])[:300]}")
+            return s
+
+        self._rounds("integrity", one)
+
+    def _agent_stats(self, peer: Peer) -> dict[str, int | float] | None:
+        """A nodemesh peer's agent counters: its proxy (flows relayed, HTTP, HTTP/2), its L4
+        engine's own (spliced, fallback...), its HTTP and HTTP/2 paths."""
+        if peer.agent is None or peer.broken:
+            return None
+        try:
+            st = self.node.admin("/status", peer.agent)
+        except RuntimeError:
+            return None
+        out: dict[str, int | float] = {}
+        for section in ("proxy", "splice", "http", "http2"):
+            for k, v in (st.get(section) or {}).items():
+                if isinstance(v, int | float) and not isinstance(v, bool):
+                    out[f"{peer.engine if section == 'splice' else section}_{k}"] = v
+        return out
+
+    # -- L7 -------------------------------------------------------------------------------
+    def http_l7(self) -> None:
+        self._wrk("http-l7", "/1k", self.p.l7_seconds, self.p.http_connections,
+                  close=False, delay_ms=None, per="requests", service="http-l7")
+
+    def _h2load(self, scenario: str, service: str, path: str, data: Path | None = None,
+                headers: tuple[str, ...] = (), data_bytes: int | None = None,
+                refused: dict[str, str] | None = None) -> None:
+        p = self.p
+
+        def one(peer: Peer, rnd: int) -> dict[str, Any]:
+            if refused and peer.name in refused:
+                s = {"scenario": scenario, "peer": peer.name, "round": rnd, "ok": False,
+                     "error": f"not measured: {refused[peer.name]}"}
+                self.samples.append(s)
+                return s
+            log = self.workdir / f"h2load-{scenario}-{peer.name}-r{rnd}.log"
+            log.unlink(missing_ok=True)
+            argv = tools.h2load_argv(peer.url(path, service), p.l7_seconds, p.h2_clients, p.h2_streams,
+                                     str(log), data=str(data) if data else None, headers=headers)
+
+            def parse(out: str) -> dict[str, Any]:
+                return tools.parse_h2load(out, log.read_text())
+
+            s = self._sample(scenario, peer, rnd, argv, p.l7_seconds + p.slack_seconds, parse)
+            log.unlink(missing_ok=True)   # one line per request: not kept
+            m = s.get("metrics")
+            if m is not None:
+                problems = tools.h2load_problems(m, data_bytes)
+                if problems:
+                    s["ok"] = False
+                    s["error"] = "; ".join(problems)
+                self._per_10k(s, "requests")
+            return s
+
+        self._rounds(scenario, one)
+
+    def h2(self) -> None:
+        self._h2load("h2", "h2", "/1k", data_bytes=tools.HTTP_BODY_BYTES)
+
+    def grpc(self) -> None:
+        # Before and after the load: a real grpcio client through each peer gets grpc-status OK and
+        # its message back (h2load sees HTTP statuses only; the DATA byte count per response is
+        # its check that every call got a message, which a gRPC error has not).
+        body = self.workdir / "grpc-request.bin"
+        refused: dict[str, str] = {}
+        peers = [self.node.peers[n] for n in L7_PEERS if n in self.node.peers]
+        checks = self.node.grpc_unary_all(peers, calls=5)   # in parallel: a Python start each
+        for peer in peers:
+            res = checks[peer.name]
+            codes = res.get("codes")
+            exact = "results" in res and all(r.get("reply", {}).get("size") == len(GRPC_MESSAGE)
+                                             for r in res["results"])
+            self.grpc_checks[peer.name] = {"codes": codes, "replies_exact": exact}
+            self.say(f"  {'grpc/' + peer.name + ' (grpcio check)':42s} codes {codes}, replies "
+                     f"{'exact' if exact else 'WRONG'}")
+            if codes != {"OK": 5} or not exact:
+                refused[peer.name] = f"the grpcio check call failed: {str(res)[:400]}"
+        self._h2load("grpc", "grpc", GRPC_METHOD, data=body, headers=tools.GRPC_HEADERS,
+                     data_bytes=len(tools.grpc_frame(GRPC_MESSAGE)), refused=refused)
+
     # -- memory ----------------------------------------------------------------------
     def memory_scan(self) -> None:
         node, sb, m = self.node, self.node.sb, self.node.sc.manifests
+        # The userspace agent alone: the others would parse every manifest below as well.
+        node.stop_engine_agents()
         agent = node.agent_process()
         base_keys = [node.peers["nodemesh"].client.key]
         cfg = self.workdir / "haproxy-sidecar.cfg"   # the very config the sidecar peer runs
@@ -243,6 +418,7 @@ class Runner:
         carries the same table (every sidecar of the classic model does)."""
         node, m = self.node, self.node.sc.manifests
         rows = []
+        base_services = len(node.admin("/status")["services"])
         for nsvc, neps in self.p.memory_services:
             if time.monotonic() > self.deadline:
                 self.say(f"  memory/services={nsvc}: skipped (time budget)")
@@ -252,7 +428,7 @@ class Runner:
             t0 = time.monotonic()
             docs, routes = filler_services(nsvc, neps)
             m.write("svc-filler.yaml", docs)
-            want = nsvc + len(node.peers["nodemesh"].ports)
+            want = nsvc + base_services
             deadline = time.monotonic() + 120
             stalls = 0
             while time.monotonic() < deadline:
@@ -375,6 +551,9 @@ def headline(s: dict[str, Any]) -> str:
     outside = s.get("machine_cpu", {}).get("outside_sandbox_seconds", 0.0)
     if s.get("wall_seconds") and outside / s["wall_seconds"] > 0.15:
         tail += f" [busy machine: {outside:.1f} CPU s outside the sandbox]"
+    if sc == "integrity":
+        return (f"{m['ok_flows']}/{m['flows']} flows byte-exact with half-close, "
+                f"{m['mib_per_second']} MiB/s both ways{tail}")
     if sc == "latency":
         r = m["rtt_us"]
         return f"RTT p50 {r['p50']:.1f} us, p99 {r['p99']:.1f} us{tail}"

@@ -196,8 +196,11 @@ class Sandbox:
         shutil.rmtree(self.workdir, ignore_errors=True)
         self.marker.unlink(missing_ok=True)
 
-    def agent_instance(self) -> str:
-        return f"sb-{self.run_id}"
+    def agent_instance(self, suffix: str = "") -> str:
+        """The agent instance name of this run: ``sb-<run id>``, or ``sb-<run id>-<suffix>`` for
+        a further agent beside it (the benchmark runs one per L4 engine). Teardown, ``sweep``
+        and ``leftovers`` recognise both by the run id."""
+        return f"sb-{self.run_id}-{suffix}" if suffix else f"sb-{self.run_id}"
 
 
 def stop_processes(procs: Sequence[subprocess.Popen[Any]], grace: float = 5.0) -> None:
@@ -253,13 +256,30 @@ def _workdir(run_id: str) -> Path:
     return Path(tempfile.gettempdir()) / f"{WORKDIR_PREFIX}{run_id}"
 
 
+def _run_instances(run_id: str) -> list[str]:
+    """The agent instance names of a run that still hold pins, a run dir or state:
+    ``sb-<run id>`` and any ``sb-<run id>-<suffix>`` (see ``Sandbox.agent_instance``)."""
+    from agent.instance import PIN_ROOT, RUN_ROOT
+
+    names = {f"sb-{run_id}"}
+    for root in (PIN_ROOT, RUN_ROOT, STATE_ROOT):
+        with contextlib.suppress(OSError):
+            names.update(p.name for p in root.glob(f"sb-{run_id}-*"))
+    return sorted(names)
+
+
 def _remove_agent_leftovers(run_id: str) -> None:
-    """Pins and run dir of an agent this run started, if it died before cleaning up.
-    Its programs were detached when the run's cgroup went."""
+    """Pins and run dirs of the agents this run started, if they died before cleaning up.
+    Their programs were detached when the run's cgroup went."""
+    for name in _run_instances(run_id):
+        _remove_instance_leftovers(name)
+
+
+def _remove_instance_leftovers(name: str) -> None:
     from agent.bpf_loader import remove_pins
     from agent.instance import Instance
 
-    inst = Instance(f"sb-{run_id}")
+    inst = Instance(name)
     with contextlib.suppress(OSError):
         remove_pins(inst)
     shutil.rmtree(STATE_ROOT / inst.name, ignore_errors=True)
@@ -329,6 +349,11 @@ def sweep() -> list[str]:
     return swept
 
 
+def _instance_run(instance: str) -> str:
+    """The run id in an agent instance name ``sb-<run id>[-<suffix>]`` (run ids have no '-')."""
+    return instance[3:].split("-", 1)[0]
+
+
 def leftovers(include_others: bool = False) -> list[str]:
     """What sandbox runs still hold on the machine: runs whose owner is dead
     or is this process. ``include_others`` adds live runs of other processes
@@ -343,11 +368,11 @@ def leftovers(include_others: bool = False) -> list[str]:
               if counted(d.name[len(CGROUP_PREFIX):])]
     pin_root = Path("/sys/fs/bpf/nodemesh")
     if pin_root.is_dir():
-        found += [f"pins {p}" for p in pin_root.glob("sb-*") if counted(p.name[3:])]
+        found += [f"pins {p}" for p in pin_root.glob("sb-*") if counted(_instance_run(p.name))]
     if MARKER_DIR.is_dir():
         found += [f"marker {m}" for m in MARKER_DIR.glob("*.json") if counted(m.stem)]
     if STATE_ROOT.is_dir():
-        found += [f"state {p}" for p in STATE_ROOT.glob("sb-*") if counted(p.name[3:])]
+        found += [f"state {p}" for p in STATE_ROOT.glob("sb-*") if counted(_instance_run(p.name))]
     found += [f"workdir {d}" for d in _workdir("").parent.glob(f"{WORKDIR_PREFIX}*")
               if counted(d.name[len(WORKDIR_PREFIX):])]
     return found
