@@ -3,6 +3,7 @@ in the same run, the L4 engine decision, the Markdown tables, and the PNG plots.
 
 from __future__ import annotations
 
+import json
 import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -161,10 +162,11 @@ DECISION_RULE = (
     "echo's trailer after the half-close) and none of its L4 traffic samples (latency, bulk, "
     "connrate, http, http-paced) failed (a stall is a failure). Score each qualifying engine "
     "against the userspace engine from the same run: (userspace RTT p50 / its RTT p50) x "
-    "(its 1-stream Gbit/s / userspace 1-stream Gbit/s), i.e. latency gain times throughput gain "
-    "(medians over rounds). The highest score wins, but an engine other than the default "
-    f"(userspace) must beat the default's score by more than {DECISION_MARGIN:.0%} (one run's "
-    "noise), else the default stays. An engine best on both metrics wins on score anyway.")
+    "(its 1-stream Gbit/s / userspace 1-stream Gbit/s) x (its new connections/s / userspace "
+    "new connections/s), i.e. latency gain times throughput gain, where throughput counts bytes "
+    "of long flows and the setting up of short ones (medians over rounds). The highest score "
+    f"wins, but an engine other than the default (userspace) must beat the default's score by "
+    f"more than {DECISION_MARGIN:.0%} (one run's noise), else the default stays.")
 
 
 def decide(results: dict[str, Any]) -> dict[str, Any]:
@@ -193,8 +195,10 @@ def decide(results: dict[str, Any]) -> dict[str, Any]:
         row["failed_l4_samples"] = failed
         p50 = summary.get("rtt_p50", {}).get("peers", {}).get(peer)
         bulk = summary.get("bulk_1", {}).get("peers", {}).get(peer)
+        conns = summary.get("connrate", {}).get("peers", {}).get(peer)
         row["rtt_p50_us"] = p50["median"] if p50 else None
         row["bulk_1_gbit"] = bulk["median"] if bulk else None
+        row["conn_per_s"] = conns["median"] if conns else None
         row["rounds"] = max(p50["n"] if p50 else 0, bulk["n"] if bulk else 0)
         why = []
         if ir is None:
@@ -205,8 +209,8 @@ def decide(results: dict[str, Any]) -> dict[str, Any]:
                        f"{_failures(ir['failures'])})")
         if failed:
             why.append(f"{len(failed)} failed L4 traffic sample(s): " + "; ".join(failed[:3]))
-        if row["rtt_p50_us"] is None or row["bulk_1_gbit"] is None:
-            why.append("no latency or 1-stream bulk number")
+        if row["rtt_p50_us"] is None or row["bulk_1_gbit"] is None or row["conn_per_s"] is None:
+            why.append("no latency, 1-stream bulk or connection-rate number")
         row["status"] = "disqualified" if why else "qualified"
         if why:
             row["why"] = "; ".join(why)
@@ -228,7 +232,8 @@ def decide(results: dict[str, Any]) -> dict[str, Any]:
         r = rows[e]
         r["latency_gain"] = round(r0["rtt_p50_us"] / r["rtt_p50_us"], 3)
         r["throughput_gain"] = round(r["bulk_1_gbit"] / r0["bulk_1_gbit"], 3)
-        r["score"] = round(r["latency_gain"] * r["throughput_gain"], 3)
+        r["connection_gain"] = round(r["conn_per_s"] / r0["conn_per_s"], 3)
+        r["score"] = round(r["latency_gain"] * r["throughput_gain"] * r["connection_gain"], 3)
     best = max(qualified, key=lambda e: rows[e]["score"])
     both = [e for e in qualified
             if rows[e]["rtt_p50_us"] == min(rows[x]["rtt_p50_us"] for x in qualified)
@@ -244,7 +249,7 @@ def decide(results: dict[str, Any]) -> dict[str, Any]:
         def scored(e: str) -> str:
             r = rows[e]
             return (f"{e} {r['score']:.2f} (latency gain {r['latency_gain']:.2f} × throughput gain "
-                    f"{r['throughput_gain']:.2f})")
+                    f"{r['throughput_gain']:.2f} × connection-rate gain {r['connection_gain']:.2f})")
 
         others = [scored(e) for e in qualified if e not in (best, ref)]
         if best == ref:
@@ -261,11 +266,12 @@ def _decision_md(d: dict[str, Any]) -> list[str]:
         return lines
     lines += ["", f"Rule: {d['rule']}", "",
               "| engine | status | integrity samples passed | bad flows | failed L4 samples "
-              "| RTT p50 (µs) | 1 stream (Gbit/s) | latency gain | throughput gain | score |",
-              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+              "| RTT p50 (µs) | 1 stream (Gbit/s) | new conn/s | latency gain | throughput gain "
+              "| connection-rate gain | score |",
+              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for e, r in d["engines"].items():
         if r["status"] == "no data":
-            lines.append(f"| {e} | no data: {' '.join(str(r['why']).split())[:300]} | | | | | | | | |")
+            lines.append(f"| {e} | no data: {' '.join(str(r['why']).split())[:300]} | | | | | | | | | | |")
             continue
         ir = r.get("integrity")
         integ = f"{ir['passed']}/{ir['samples']}" if ir else "—"
@@ -279,8 +285,9 @@ def _decision_md(d: dict[str, Any]) -> list[str]:
 
         lines.append(f"| {e} | {r['status']} | {integ} | {bad} | {len(r['failed_l4_samples'])} | "
                      f"{f(r.get('rtt_p50_us'), '.1f')} | {f(r.get('bulk_1_gbit'), '.2f')} | "
+                     f"{f(r.get('conn_per_s'), ',.0f')} | "
                      f"{f(r.get('latency_gain'), '.2f')} | {f(r.get('throughput_gain'), '.2f')} | "
-                     f"{f(r.get('score'), '.2f')} |")
+                     f"{f(r.get('connection_gain'), '.2f')} | {f(r.get('score'), '.2f')} |")
     why = [f"- {e}: {' '.join(str(r['why']).split())[:500]}" for e, r in d["engines"].items()
            if r["status"] == "disqualified"]
     if why:
@@ -447,8 +454,8 @@ def markdown(results: dict[str, Any]) -> str:
                 "adds S services with E endpoints in all; beside it, ONE sidecar HAProxy carrying "
                 "the same table (the classic sidecar model gives every pod the whole table), and "
                 f"what {n} such sidecars add up to. Load time: from writing the manifest until "
-                "the agent's admin API lists the services (the agent parses on its event loop, so "
-                "its proxy waits meanwhile).", "",
+                "the agent's admin API lists the services (the agent parses in worker threads: its "
+                "proxy keeps serving, slowed by the GIL).", "",
                 "| services / endpoints | agent load time | agent RSS | agent USS | one sidecar RSS "
                 f"| one sidecar USS | {n} sidecars Σ USS | Σ sidecar USS / agent USS |",
                 "|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -619,3 +626,24 @@ def plots(results: dict[str, Any], outdir: Path) -> list[str]:
         plt.close(fig)
         made.append("memory.png")
     return made
+
+
+def rerender(folder: Path) -> None:
+    """Recompute the summary, the decision and results.md from a run's results.json
+    (after a change to this report; the samples are not touched)."""
+    path = folder / "results.json"
+    results = json.loads(path.read_text())
+    results["summary"] = summarize(results["samples"])
+    results["l4_engine_decision"] = decide(results)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    (folder / "results.md").write_text(markdown(results))
+
+
+if __name__ == "__main__":
+    import sys
+
+    if len(sys.argv) != 2 or not (Path(sys.argv[1]) / "results.json").is_file():
+        sys.exit("usage: python -m bench.report RESULTS_DIR   (re-renders results.md and the "
+                 "decision from RESULTS_DIR/results.json)")
+    rerender(Path(sys.argv[1]))
+    print(f"re-rendered {sys.argv[1]}/results.md")

@@ -224,10 +224,14 @@ def test_integrity_report() -> None:
         tools.parse_integrity("Traceback (most recent call last):")
 
 
-def _decision_samples(engines: dict[str, tuple[float, float, bool]], l4_failed: str = "") -> list[dict]:
+def _decision_samples(engines: dict[str, tuple[float, ...]], l4_failed: str = "") -> list[dict]:
+    """Per engine: (RTT p50 µs, 1-stream Gbit/s, integrity ok[, new connections/s])."""
     samples: list[dict] = []
-    for e, (p50, gbit, integ_ok) in engines.items():
+    for e, (p50, gbit, integ_ok, *rest) in engines.items():
         peer = report.ENGINE_PEERS[e]
+        conns = rest[0] if rest else 1000.0
+        samples.append({"scenario": "connrate", "peer": peer, "round": 0, "ok": True,
+                        "metrics": {"requests_per_second": conns}})
         samples.append({"scenario": "latency", "peer": peer, "round": 0, "ok": True,
                         "metrics": {"rtt_us": {"p50": p50, "p99": p50 * 3}}})
         samples.append({"scenario": "bulk-1", "peer": peer, "round": 0, "ok": peer != l4_failed,
@@ -253,6 +257,16 @@ def test_decision_best_on_both_wins() -> None:
     assert d["chosen"] == "splice"   # (40/35) x (8/6) = 1.52 beats sockmap's (40/30) x (4/6) = 0.89
     assert d["engines"]["splice"]["score"] == pytest.approx(1.524, abs=0.001)
     assert d["engines"]["userspace"]["score"] == 1.0
+
+
+def test_decision_counts_the_cost_of_new_connections() -> None:
+    """Even latency and bulk, but half the connection rate: the default stays."""
+    d = _decide(_decision_samples({"userspace": (40, 6.0, True, 4000.0),
+                                   "splice": (38, 6.2, True, 2000.0)}))
+    assert d["chosen"] == "userspace"
+    assert d["engines"]["splice"]["connection_gain"] == 0.5
+    assert d["engines"]["splice"]["score"] == pytest.approx(40 / 38 * 6.2 / 6.0 * 0.5, abs=0.001)
+    assert "new conn/s" in "\n".join(report._decision_md(d))
 
 
 def test_decision_needs_integrity_and_no_stall() -> None:
