@@ -34,7 +34,7 @@ import struct
 from collections.abc import Callable
 
 from dataplane.flows import Flow
-from dataplane.relay import RelaySide
+from dataplane.relay import RelaySide, flush_for_takeover
 
 log = logging.getLogger("nodemesh.pipe_splice")
 
@@ -43,7 +43,6 @@ F_GETPIPE_SZ = 1032
 SIOCATMARK = 0x8905
 PIPE_BYTES = 256 * 1024  # per direction; the kernel allocates pages only as they fill
 FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
-FLUSH_POLL = 0.002
 _LINGER_RESET = struct.pack("ii", 1, 0)
 # errors that end a flow (the peer went away); anything else is a bug worth a log line
 _GONE = {errno.ECONNRESET, errno.EPIPE, errno.ETIMEDOUT, errno.ENOTCONN, errno.EHOSTUNREACH,
@@ -270,18 +269,7 @@ class PipeSplicer:
         if dt is None or ut is None or down.closed or up.closed or down.got_eof or up.got_eof:
             self.stats["not_spliceable"] += 1
             return False
-        ut.pause_reading()  # the downstream is paused until linked
-        for chunk in down.take_buffer():
-            ut.write(chunk)
-        for chunk in up.take_buffer():
-            dt.write(chunk)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.flush_timeout
-        while dt.get_write_buffer_size() or ut.get_write_buffer_size():
-            if down.closed or up.closed or loop.time() > deadline:
-                return self._fallback(ut)
-            await asyncio.sleep(FLUSH_POLL)
-        if down.closed or up.closed or dt.is_closing() or ut.is_closing() \
+        if not await flush_for_takeover(down, up, self.flush_timeout) \
                 or down.got_eof or up.got_eof:
             return self._fallback(ut)
         if self.closing:  # the agent is stopping: no new takeover

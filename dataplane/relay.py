@@ -120,3 +120,27 @@ class RelaySide(asyncio.Protocol):
                 peer.transport.close()
         if self.on_closed is not None:
             self.on_closed()
+
+
+async def flush_for_takeover(down: RelaySide, up: RelaySide, timeout: float,
+                             poll: float = 0.002) -> bool:
+    """Prepare a connected pair for an engine that takes the sockets over from the
+    relay: stop reading upstream (the downstream reads nothing until linked), write
+    to each side what the other read before it had a peer, and wait until both
+    write buffers are empty, so that nothing user space holds can be overtaken by
+    what the engine forwards. False: a side closed or the flush took longer than
+    ``timeout``; the caller resumes the upstream and relays as usual."""
+    dt, ut = down.transport, up.transport
+    assert dt is not None and ut is not None
+    ut.pause_reading()
+    for chunk in down.take_buffer():
+        ut.write(chunk)
+    for chunk in up.take_buffer():
+        dt.write(chunk)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while dt.get_write_buffer_size() or ut.get_write_buffer_size():
+        if down.closed or up.closed or loop.time() > deadline:
+            return False
+        await asyncio.sleep(poll)
+    return not (down.closed or up.closed or dt.is_closing() or ut.is_closing())

@@ -38,7 +38,7 @@ import termios
 from typing import Any, Protocol
 
 from dataplane.flows import Flow
-from dataplane.relay import RelaySide
+from dataplane.relay import RelaySide, flush_for_takeover
 
 log = logging.getLogger("nodemesh.splice")
 
@@ -94,19 +94,8 @@ class SockmapSplicer:
         if dt is None or ut is None or down.closed or up.closed or down.got_eof or up.got_eof:
             self.stats["not_spliceable"] += 1
             return False
-        ut.pause_reading()
-        for chunk in down.take_buffer():
-            ut.write(chunk)
-        for chunk in up.take_buffer():
-            dt.write(chunk)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.flush_timeout
-        while dt.get_write_buffer_size() or ut.get_write_buffer_size():
-            if down.closed or up.closed or loop.time() > deadline:
-                return self._fallback(ut, "flush")
-            await asyncio.sleep(POLL)
-        if down.closed or up.closed or dt.is_closing() or ut.is_closing():
-            return self._fallback(ut, "closed")
+        if not await flush_for_takeover(down, up, self.flush_timeout, POLL):
+            return self._fallback(ut, "flush")
         dsock, usock = dt.get_extra_info("socket"), ut.get_extra_info("socket")
         try:
             dc, uc = socket_cookie(dsock), socket_cookie(usock)
