@@ -48,12 +48,8 @@ class TelemetryGlue:
             peer = self._sources[pod_key] = Peer.from_pod_labels(name, ns, pod.labels if pod else {})
         return peer
 
-    @staticmethod
-    def _destination(cluster: str | None) -> tuple[Peer, str]:
-        return _destination_of(cluster)
-
     def on_request(self, rec: RequestRecord) -> None:
-        dest, host = self._destination(rec.cluster)
+        dest, host = _destination_of(rec.cluster)
         grpc = rec.grpc_status
         self.telemetry.request(
             self._source(rec.pod), dest, host,
@@ -67,7 +63,7 @@ class TelemetryGlue:
             protocol=rec.protocol)
 
     def on_tcp_open(self, flow: Flow, cluster: str | None) -> None:
-        dest, host = self._destination(cluster)
+        dest, host = _destination_of(cluster)
         flow.meta = self.telemetry.tcp_opened(self._source(flow.pod), dest, host,
                                               upstream=flow.endpoint, downstream=flow.pod_ip,
                                               upstream_cluster=cluster)
